@@ -1,0 +1,177 @@
+"""The shard builder: source items -> (read, normalise, probe) in worker processes -> WebDataset shards.
+
+Each sample in a shard:
+    __key__   a safe, unique id (letters, digits, '_' and '-')
+    mp4       the normalised video (with --no_transcode: the original bytes, under their own extension)
+    json      video_id, captions, source, path, duration_s, fps, num_frames (frames that decode), width,
+              height, codec, and `orig` (the source video's own figures) when transcoded
+    txt       the captions, one a line
+Bad input never stops the build: it is listed in the manifest with its reason.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import multiprocessing as mp
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from tqdm import tqdm
+
+from .sources import SOURCES, SourceOptions, VideoItem
+from .transcode import TranscodeOptions, VideoError, probe, transcode
+from .writer import SplitWriter
+
+VIDEO_EXTS = ("mp4", "avi", "mkv", "webm", "mov", "mpg", "mpeg", "m4v", "wmv", "3gp", "flv", "mts", "ts")
+
+
+@dataclass
+class BuildConfig:
+    source: str
+    out: str
+    splits: list[str] | None = None  # None: the source's usual splits
+    source_opts: SourceOptions = field(default_factory=SourceOptions)
+    transcode: TranscodeOptions = field(default_factory=TranscodeOptions)
+    no_transcode: bool = False
+    workers: int = 1
+    max_count: int = 200
+    max_size: float = 1e9
+    max_failures: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def content_options(self, split: str) -> dict:
+        """Everything that decides the shards' content (and nothing that does not, such as workers)."""
+        source_opts = asdict(self.source_opts)
+        source_opts["num_videos"] = {k: v for k, v in source_opts["num_videos"].items() if k == split}
+        return json.loads(json.dumps({
+            "source": self.source, "split": split, "source_opts": source_opts,
+            "transcode": None if self.no_transcode else asdict(self.transcode),
+            "max_count": self.max_count, "max_size": self.max_size}))
+
+
+class TooManyFailures(Exception):
+    pass
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def safe_keys(video_ids: list[str]) -> list[str]:
+    """Keys webdataset can split on '.': unsafe runs become '_'; duplicates get -2, -3, ..."""
+    seen: dict[str, int] = {}
+    keys = []
+    for vid in video_ids:
+        key = _UNSAFE.sub("_", vid).strip("_")[:120] or "video"
+        n = seen.get(key, 0) + 1
+        seen[key] = n
+        keys.append(key if n == 1 else f"{key}-{n}")
+    return keys
+
+
+def _video_field(item: VideoItem, transcoded: bool) -> str:
+    if transcoded or not item.path:
+        return "mp4"
+    ext = os.path.splitext(item.path)[1].lstrip(".").lower()
+    return ext if ext in VIDEO_EXTS else "mp4"
+
+
+def process(job: tuple[int, str, VideoItem], source: str, opts: TranscodeOptions | None) -> tuple[int, dict | None, dict | None]:
+    """One input -> (index, sample, None) or (index, None, failure). Runs in a worker; never raises."""
+    index, key, item = job
+    fail = lambda reason, detail="": (index, None, {"video_id": item.video_id, "path": item.path,  # noqa: E731
+                                                   "reason": reason, "detail": detail[:300]})
+    captions = [" ".join(c.split()) for c in item.captions if isinstance(c, str) and c.strip()]
+    if not captions:
+        return fail("empty caption")
+    try:
+        data = item.read()
+        orig = None
+        if opts is not None:
+            data, orig = transcode(data, opts)
+        info = probe(data)
+    except VideoError as e:
+        return fail(e.reason, e.detail)
+    except Exception as e:  # a decoder's surprise must not end a build of a million videos
+        return fail("error", f"{type(e).__name__}: {e}")
+    meta = {"video_id": item.video_id, "captions": captions, "source": source, "path": item.path,
+            **info.to_dict(), **item.meta}
+    if orig is not None:
+        meta["orig"] = orig.to_dict()
+    sample = {"__key__": key, _video_field(item, opts is not None): data,
+              "json": json.dumps(meta, sort_keys=True).encode(), "txt": "\n".join(captions).encode()}
+    return index, sample, None
+
+
+def build_split(cfg: BuildConfig, split: str, pool) -> dict:
+    """Build (or finish, or find finished) one split; return its manifest."""
+    source = SOURCES[cfg.source]
+    writer = SplitWriter(cfg.out, split, cfg.content_options(split), cfg.max_count, cfg.max_size, cfg.overwrite)
+    done = writer.finished_manifest()
+    if done is not None:
+        return {**done, "already_built": True}
+    items = source.items(split, cfg.source_opts)
+    keys = safe_keys([it.video_id for it in items])
+    start = writer.progress.next_item
+    jobs = [(i, keys[i], items[i]) for i in range(start, len(items))]
+    fn = functools.partial(process, source=cfg.source, opts=None if cfg.no_transcode else cfg.transcode)
+    results = pool.imap(fn, jobs, chunksize=2) if pool is not None else map(fn, jobs)
+    t0 = time.time()
+    bar = tqdm(total=len(items), initial=start, desc=split, unit="video", disable=not cfg.progress,
+               mininterval=1.0, dynamic_ncols=True)
+    try:
+        for index, sample, failure in results:
+            writer.add(index, sample, failure)
+            bar.update(1)
+            if cfg.max_failures is not None and len(writer.failures) > cfg.max_failures:
+                raise TooManyFailures(_failure_report(split, writer.failures, cfg.max_failures))
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    writer.close(len(items))
+    return writer.write_manifest({"source": cfg.source, "inputs": len(items), "elapsed_s": round(time.time() - t0, 2)})
+
+
+def _failure_report(split: str, failures: list[dict], limit: int) -> str:
+    reasons: dict[str, int] = {}
+    for f in failures:
+        reasons[f["reason"]] = reasons.get(f["reason"], 0) + 1
+    head = "\n".join(f"  {f['video_id']}: {f['reason']} {f['detail']}" for f in failures[:5])
+    return (f"{split}: {len(failures)} inputs failed, more than --max_failures {limit} "
+            f"({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))}). First ones:\n{head}\n"
+            f"Fix the inputs (or raise --max_failures) and rerun the same command: it resumes.")
+
+
+def summary_line(m: dict) -> str:
+    t = m["totals"]
+    why = ", ".join(f"{k}: {v}" for k, v in sorted(m["failures_by_reason"].items()))
+    state = "already built" if m.get("already_built") else f"in {m.get('elapsed_s', 0):.1f} s"
+    return (f"{m['split']}: {t['samples']} samples, {t['captions']} captions in {t['shards']} shards "
+            f"({t['bytes'] / 1e6:.1f} MB), {t['failed']} failed{f' ({why})' if why else ''}, {state}")
+
+
+def summary_table(manifests: list[dict]) -> str:
+    rows = [("split", "shards", "samples", "captions", "MB", "failed")]
+    for m in manifests:
+        t = m["totals"]
+        rows.append((m["split"], str(t["shards"]), str(t["samples"]), str(t["captions"]),
+                     f"{t['bytes'] / 1e6:.1f}", str(t["failed"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def build(cfg: BuildConfig) -> list[dict]:
+    """Build every requested split. Returns the manifests; raises TooManyFailures past --max_failures."""
+    splits = cfg.splits or list(SOURCES[cfg.source].splits)
+    pool = mp.get_context("fork").Pool(cfg.workers) if cfg.workers > 1 else None
+    try:
+        return [build_split(cfg, split, pool) for split in splits]
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
