@@ -15,3 +15,25 @@ def test_bench_build_shards_runs(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["workers"] for r in rows] == [1, 2] and all(r["videos"] == 2 for r in rows)
     assert "videos/s" in p.stdout
+
+
+def test_bench_model_runs_tiny(tmp_path):
+    out = tmp_path / "m.json"
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "model.py"), "--tiny", "--batch", "2",
+                        "--frames", "4", "--steps", "1", "--json", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["precision"], r["checkpointing"]) for r in rows] == [("fp32", False), ("fp32", True),
+                                                                     ("bf16", False), ("bf16", True)]
+    assert "clips/s" in p.stdout
+
+
+def test_bench_loader_runs(tmp_path):
+    out = tmp_path / "l.json"
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "loader.py"), "--num", "2", "--seconds", "1",
+                        "--clips", "4", "--batch", "2", "--upstream_clips", "2", "--frames", "4", "--size", "64",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rates = json.loads(out.read_text())["clips_per_s_per_core"]
+    assert set(rates) == {"shards", "upstream raw", "upstream precompressed"} and all(v > 0 for v in rates.values())

@@ -130,3 +130,13 @@ def test_captions_per_video(n):
     assert all(len(it.captions) == n for it in its)
     if n == 5:
         assert all(len(set(it.captions)) == 5 for it in its)
+
+
+def test_the_corpus_tokenizer_knows_every_caption_word():
+    from tmass.data.tokenizer import build_caption_tokenizer
+    from tmass.shards.sources.synthetic import grammar_text
+
+    tok = build_caption_tokenizer(grammar_text())
+    for v in make_videos("test", 60, seed=5):
+        for c in v.captions(5):
+            assert tok.unk_token_id not in tok(c)["input_ids"], c

@@ -170,8 +170,24 @@ def build(cfg: BuildConfig) -> list[dict]:
     splits = cfg.splits or list(SOURCES[cfg.source].splits)
     pool = mp.get_context("fork").Pool(cfg.workers) if cfg.workers > 1 else None
     try:
-        return [build_split(cfg, split, pool) for split in splits]
+        manifests = [build_split(cfg, split, pool) for split in splits]
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
+    if cfg.source == "synthetic" and "train" in splits:
+        save_synthetic_tokenizer(cfg)
+    return manifests
+
+
+def save_synthetic_tokenizer(cfg: BuildConfig) -> str:
+    """The synthetic corpus has no CLIP checkpoint: a word-level tokenizer of its caption grammar goes beside
+    the shards, in {out}/tokenizer/ (see tmass.data.tokenizer)."""
+    out = os.path.join(cfg.out, "tokenizer")
+    if not os.path.exists(os.path.join(out, "tokenizer.json")):
+        from ..data.tokenizer import build_caption_tokenizer  # transformers: imported only here
+
+        from .sources.synthetic import grammar_text
+
+        build_caption_tokenizer(grammar_text(), out)
+    return out

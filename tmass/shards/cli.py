@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=float, default=d.fps, help="stored frames per second (at most the source's)")
     g.add_argument("--crf", type=int, default=d.crf)
     g.add_argument("--preset", default=d.preset, help="libx264 preset")
+    g.add_argument("--tune", default=d.tune,
+                   help="libx264 tune (default fastdecode: ~2x faster decoding in training, ~15%% larger; '' for none)")
     g.add_argument("--max_frames", type=int, default=d.max_frames,
                    help="if > 0, lower the fps of long clips so that at most this many frames are stored")
     g.add_argument("--no_transcode", action="store_true",
@@ -78,7 +80,7 @@ def config_from_args(a: argparse.Namespace) -> BuildConfig:
                                   msrvtt_train_file=a.msrvtt_train_file, charades_text=a.charades_text,
                                   video_ext=a.video_ext, num_videos=sizes if a.source == "synthetic" else {},
                                   captions_per_video=a.captions_per_video, seed=a.seed),
-        transcode=TranscodeOptions(a.short_side, a.fps, a.crf, a.preset, a.max_frames),
+        transcode=TranscodeOptions(a.short_side, a.fps, a.crf, a.preset, a.tune, a.max_frames),
         no_transcode=a.no_transcode, workers=workers, max_count=a.max_count, max_size=a.max_size,
         max_failures=a.max_failures, overwrite=a.overwrite, progress=not a.no_progress)
 

@@ -32,6 +32,7 @@ class TranscodeOptions:
     fps: float = 3.0  # stored frame rate (CLIP4Clip's compression); lower sources keep theirs
     crf: int = 23
     preset: str = "veryfast"
+    tune: str = "fastdecode"  # no CABAC, no deblocking: ~2x faster decoding for ~15% more bytes ("" for none)
     max_frames: int = 0  # > 0: lower the fps of long clips so that at most this many frames are stored
 
 
@@ -140,7 +141,8 @@ def encode_frames(frames: Iterable[av.VideoFrame | np.ndarray], fps: float, opts
                 stream.codec_context.gop_size = gop
                 stream.codec_context.thread_count = 1
                 stream.options = {"crf": str(opts.crf), "preset": opts.preset,
-                                  "x264-params": f"keyint={gop}:min-keyint=1:scenecut=0"}
+                                  "x264-params": f"keyint={gop}:min-keyint=1:scenecut=0",
+                                  **({"tune": opts.tune} if opts.tune else {})}
             f = frame.reformat(width=stream.width, height=stream.height, format="yuv420p",
                                interpolation="AREA")
             f.pts, f.time_base = n, 1 / rate

@@ -32,12 +32,21 @@ DEFAULT_SIZES = {"train": 1000, "val": 100, "test": 200}
 
 # The raw clip, before the builder normalises it like any other video.
 WIDTH, HEIGHT, FPS, SECONDS, RADIUS = 320, 240, 12, 6, 22
-RAW_ENCODING = TranscodeOptions(short_side=10_000, crf=18, preset="ultrafast")
+RAW_ENCODING = TranscodeOptions(short_side=10_000, crf=18, preset="ultrafast", tune="")
 
 _VERBS = [("moves", "move"), ("is moving", "are moving"), ("slides", "slide"), ("travels", "travel")]
 _DIR_WORDS = {"left": ["left", "to the left"], "right": ["right", "to the right"],
               "up": ["up", "upward"], "down": ["down", "downward"]}
 _JOINS = ["{0}, then {1}", "first {0}, after that {1}", "{0} and afterwards {1}"]
+
+
+def grammar_text() -> list[str]:
+    """Every word and mark the captions can use (the corpus tokenizer's vocabulary)."""
+    words = [*COLOURS, *SHAPES, *(f"{s}s" for s in SHAPES), "a", "two", "three", "first"]
+    words += [w for pair in _VERBS for v in pair for w in v.split()]
+    words += [w for ws in _DIR_WORDS.values() for d in ws for w in d.split()]
+    words += [w for j in _JOINS for w in j.replace("{0}", "").replace("{1}", "").split()]
+    return [" ".join(words)]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,229 @@
+"""The model and the loss against naive float64 loops (tests/_reference.py), on N_t != N_v."""
+import math
+
+import pytest
+import torch
+
+import _reference as ref
+from tmass.config import ModelConfig
+from tmass.loss import tmass_loss
+from tmass.model.clip import clip_config, frame_features, text_features
+from tmass.model.pooling import TextConditionedPool
+from tmass.model.stochastic import (SimilarityRadius, all_cosines, draw_noise, keyed_noise, paired_cosines,
+                                    stochastic_text, support_text)
+from tmass.model.tmass import TMASS
+
+D, F = 8, 4
+
+
+def perturbed(module, seed=0, scale=0.3):
+    """Move every parameter off its init, so that identity weights cannot hide a mistake."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return module
+
+
+def rand(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_pooling_against_a_loop_for_unequal_texts_and_videos():
+    pool = perturbed(TextConditionedPool(D, dropout=0.0)).double()
+    t, f = rand(3, D, seed=1), rand(5, F, D, seed=2)
+    out = pool(t, f)
+    assert out.shape == (5, 3, D)
+    sd = {f"pool_frames.{k}": v for k, v in pool.state_dict().items()}
+    for i in range(5):
+        for j in range(3):
+            torch.testing.assert_close(out[i, j], ref.pool_one(t[j], f[i], sd), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pool(t[1:], f[2:4]), out[2:4, 1:])  # a chunk of texts x a chunk of videos
+
+
+def test_pooling_init_is_identity_projections():
+    pool = TextConditionedPool(D, dropout=0.3)
+    for name, p in pool.named_parameters():
+        if "proj" in name:
+            expected = torch.eye(D) if p.dim() == 2 else torch.zeros(D)
+            assert torch.equal(p.detach(), expected), name
+
+
+def test_radius_against_a_loop_paired_and_all_pairs():
+    rad = perturbed(SimilarityRadius(F, D)).double()
+    t, f = rand(3, D, seed=3), rand(5, F, D, seed=4)
+    W, b = rad.linear_proj.weight.detach(), rad.linear_proj.bias.detach()
+    r_all = rad(all_cosines(t, f))  # [3, 5, D]
+    for j in range(3):
+        for i in range(5):
+            torch.testing.assert_close(r_all[j, i].double(), ref.radius_one(t[j], f[i], W, b), rtol=1e-6, atol=1e-6)
+    r_pair = rad(paired_cosines(t, f[:3]))
+    for n in range(3):
+        torch.testing.assert_close(r_pair[n].double(), ref.radius_one(t[n], f[n], W, b), rtol=1e-6, atol=1e-6)
+    assert r_pair.dtype == torch.float32
+
+
+def test_radius_init_is_exp_of_similarities_then_ones():
+    rad = SimilarityRadius(F, D)
+    t, f = rand(2, D).float(), rand(2, F, D).float()
+    s = torch.tensor([[ref.cos(t[n].double(), f[n, k].double()) for k in range(F)] for n in range(2)])
+    r = rad(paired_cosines(t, f))
+    torch.testing.assert_close(r[:, :F], s.exp().float(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(r[:, F:], torch.ones(2, D - F))
+
+
+def test_stochastic_and_support_text_against_loops():
+    t, r, eps, c = rand(4, D, seed=5), rand(4, D, seed=6).abs(), rand(4, D, seed=7), rand(4, D, seed=8)
+    ts, tsup = stochastic_text(t, r.float(), eps), support_text(t, r.float(), c)
+    for n in range(4):
+        torch.testing.assert_close(ts[n].double(), t[n] + r[n] * eps[n], rtol=1e-5, atol=1e-5)
+        d = c[n] - t[n]
+        torch.testing.assert_close(tsup[n].double(), t[n] + r[n] * d / d.norm(), rtol=1e-5, atol=1e-5)
+    one = support_text(t[:1], r[:1].float(), c[:1])  # batch size 1 (upstream's squeeze broke here)
+    assert one.shape == (1, D) and torch.isfinite(one).all()
+
+
+def test_noise_priors_and_keys():
+    g = torch.Generator().manual_seed(0)
+    u = draw_noise((20000,), "uniform01", 1.0, g)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01  # not zero-mean, as upstream
+    n = draw_noise((20000,), "normal", 3e-3, g)
+    assert abs(n.std() - 3e-3) < 1e-4 and abs(n.mean()) < 1e-4
+    a = keyed_noise([(24, 0, 5), (24, 0, 6)], D, "uniform01", 1.0)
+    b = keyed_noise([(24, 0, 6)], D, "uniform01", 1.0)
+    assert torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])
+
+
+def _head(seed=0):
+    pool = perturbed(TextConditionedPool(D, 0.0), seed).double()
+    rad = perturbed(SimilarityRadius(F, D), seed + 1, scale=0.1).double()
+    sd = {f"pool_frames.{k}": v for k, v in pool.state_dict().items()}
+    sd |= {f"radius.{k}": v.double() for k, v in rad.state_dict().items()}
+    return pool, rad, sd
+
+
+@pytest.mark.parametrize("weight, center", [(0.0, "upstream"), (0.8, "upstream"), (0.5, "paper")])
+def test_loss_against_a_loop(weight, center):
+    pool, rad, sd = _head()
+    B = 5
+    t, f, eps = rand(B, D, seed=9), rand(B, F, D, seed=10), rand(B, D, seed=11).abs()
+    scale = torch.tensor([math.log(20.0)], dtype=torch.float64)
+    out = tmass_loss(pool, rad, scale, t, f, eps, support_weight=weight, support_center=center)
+    expected = ref.tmass_loss(t, f, eps, sd, 20.0, weight, center)
+    assert abs(out["loss"].item() - expected) < 1e-4 * max(1.0, abs(expected))
+
+
+def test_logit_scale_is_clamped_at_ln_100():
+    pool, rad, sd = _head()
+    t, f, eps = rand(3, D, seed=9), rand(3, F, D, seed=10), rand(3, D, seed=11)
+    high = tmass_loss(pool, rad, torch.tensor([10.0]), t, f, eps)["loss"].item()
+    assert abs(high - ref.tmass_loss(t, f, eps, sd, 100.0)) < 1e-3
+
+
+def test_rank_split_with_a_fake_gather_equals_the_whole_batch():
+    """Two 'ranks' of 3 pairs: the mean of their losses is the loss of the 6 pairs, support term included.
+    The fake gather puts the other rank's share (computed here from the inputs) beside ours, in rank order."""
+    pool, rad, _ = _head(seed=3)
+    t, f, eps = rand(6, D, seed=12), rand(6, F, D, seed=13), rand(6, D, seed=14)
+    scale = torch.tensor([math.log(30.0)], dtype=torch.float64)
+    whole = tmass_loss(pool, rad, scale, t, f, eps, support_weight=0.8)["loss"]
+    parts = []
+    for r in range(2):
+        mine, theirs = slice(3 * r, 3 * r + 3), slice(3 - 3 * r, 6 - 3 * r)
+        shares = iter([t[theirs], f[theirs], pool(t, f[theirs]).mean(dim=1)])  # in tmass_loss's call order
+
+        def gather(x, r=r, shares=shares):
+            other = next(shares)
+            assert other.shape == x.shape
+            return torch.cat([x, other] if r == 0 else [other, x])
+
+        parts.append(tmass_loss(pool, rad, scale, t[mine], f[mine], eps, offset=3 * r, gather=gather,
+                                support_weight=0.8)["loss"])
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, whole, rtol=1e-6, atol=1e-6)
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return TMASS(ModelConfig(clip_arch="tiny", num_frames=F, transformer_dropout=0.0, **kw))
+
+
+def batch(B=3, L=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 49000, (B, L), generator=g)
+    ids[:, 0], ids[:, -1] = 49406, 49407
+    return ids, torch.ones(B, L, dtype=torch.long), torch.randn(B, F, 3, 32, 32, generator=g)
+
+
+def test_features_are_the_projected_eos_and_cls_states():
+    m = tiny_model()
+    ids, mask, video = batch()
+    with torch.no_grad():
+        ref_t = m.clip.get_text_features(input_ids=ids, attention_mask=mask)
+        ref_t = getattr(ref_t, "pooler_output", ref_t)
+        ref_f = m.clip.get_image_features(pixel_values=video.flatten(0, 1))
+        ref_f = getattr(ref_f, "pooler_output", ref_f).view(3, F, -1)
+        torch.testing.assert_close(text_features(m.clip, ids, mask), ref_t)
+        torch.testing.assert_close(frame_features(m.clip, video), ref_f)
+
+
+def test_gradients_reach_every_parameter():
+    m = tiny_model(support_loss_weight=0.8)
+    ids, mask, video = batch()
+    eps = draw_noise((3, m.dim), "uniform01", 1.0, torch.Generator().manual_seed(1))
+    m(ids, mask, video, eps)["loss"].backward()
+    dead = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert dead == []
+    assert m.logit_scale.shape == (1,)  # 1-element for DeepSpeed's broadcast (stack notes P3)
+
+
+def test_support_loss_at_batch_size_one():
+    m = tiny_model(support_loss_weight=0.8)
+    ids, mask, video = batch(B=1)
+    out = m(ids, mask, video, torch.rand(1, m.dim))
+    assert torch.isfinite(out["loss"]) and "loss_support" in out
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    m = tiny_model(support_loss_weight=0.8)
+    ids, mask, video = batch(B=4)
+    eps = torch.rand(4, m.dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = m(ids, mask, video, eps)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = m(ids, mask, video, eps)
+            t = m.encode_text(ids, mask)
+    assert t.dtype == torch.bfloat16  # the towers really ran in bf16
+    for k in ("loss", "loss_stochastic", "loss_support", "radius_l1"):
+        assert torch.isfinite(half[k]) and half[k].dtype == torch.float32
+        assert abs(half[k] - full[k]) <= 1e-2 * abs(full[k]), (k, half[k], full[k])
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    ids, mask, video = batch()
+    eps = torch.rand(3, 32, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for ckpt in (False, True):
+        m = tiny_model(grad_checkpointing=ckpt)
+        m.train()
+        calls = []
+        for layer in (m.clip.text_model.encoder.layers[0], m.clip.vision_model.encoder.layers[0]):
+            layer.mlp.fc1.register_forward_hook(lambda *a: calls.append(1))  # inside the checkpointed forward
+        out = m(ids, mask, video, eps)
+        out["loss"].backward()
+        assert len(calls) == (4 if ckpt else 2)  # recomputed in backward only with checkpointing
+        grads.append((out["loss"].item(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-5, atol=1e-7)
+
+
+def test_model_configs_and_wrong_flags():
+    assert clip_config("ViT-B/16").vision_config.patch_size == 16
+    assert clip_config("ViT-B/32").vision_config.patch_size == 32
+    with pytest.raises(ValueError, match="--clip_arch"):
+        ModelConfig(clip_arch="ViT-L/14")
+    with pytest.raises(ValueError, match="--stochastic_prior"):
+        ModelConfig(stochastic_prior="gauss")
+    m = tiny_model()
+    with pytest.raises(ValueError, match="--num_frames"):
+        m.encode_frames(torch.zeros(1, F + 1, 3, 32, 32))

@@ -1,0 +1,74 @@
+"""The T-MASS training loss over a (possibly global) contrastive batch (method notes a.4-a.6).
+
+With B pairs (t_j, v_j), the pooled video psi(v_i | t_j) and the stochastic text t_s[j] (radius from its own
+video j), the similarity is s[j, i] = cos(t_s[j], psi(v_i | t_j)) and
+    L(s)  = 1/2 [ mean_j -log softmax_i(tau s[j, :])_j + mean_i -log softmax_j(tau s[:, i])_i ],  tau = exp(logit_scale)
+    L     = L(s with t_s) + lambda_sup * L(s with t_sup)
+The logits and softmax run in fp32; logit_scale is clamped to <= ln 100.
+
+Global batch: a rank holds b of the B pairs (global indices offset .. offset + b - 1). It scores its local
+texts against all videos (rows of s) and its local videos against all texts (columns of s), so its pooled
+tensors are [B, b, D] and [b, B, D], never [B, B, D]. The mean over ranks of the rank losses is L over the
+global batch, and `gather` (an all-gather with gradients) carries every gradient home.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .model.stochastic import paired_cosines, stochastic_text, support_text
+
+MAX_LOGIT_SCALE = math.log(100.0)
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def pair_cosines(text: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """s[j, i] = cos(text_j, pooled[i, j]). [N_t, D], [N_v, N_t, D] -> [N_t, N_v] (fp32)."""
+    return torch.einsum("td,vtd->tv", F.normalize(text.float(), dim=-1), F.normalize(pooled.float(), dim=-1))
+
+
+def symmetric_infonce(s_rows: torch.Tensor, s_cols: torch.Tensor, offset: int,
+                      logit_scale: torch.Tensor) -> torch.Tensor:
+    """1/2 [CE(tau s_rows, offset + j) + CE(tau s_cols, offset + i)]; s_rows [b, B] local texts x all videos,
+    s_cols [b, B] local videos x all texts (s_cols = s_rows^T on one process)."""
+    tau = logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
+    target = torch.arange(offset, offset + s_rows.shape[0], device=s_rows.device)
+    return 0.5 * (F.cross_entropy(tau * s_rows, target) + F.cross_entropy(tau * s_cols, target))
+
+
+def tmass_loss(pool: Callable, radius: Callable, logit_scale: torch.Tensor, t_loc: torch.Tensor,
+               f_loc: torch.Tensor, eps_all: torch.Tensor, *, offset: int = 0, gather: Gather | None = None,
+               support_weight: float = 0.0, support_center: str = "upstream") -> dict[str, torch.Tensor]:
+    """The loss of one rank. t_loc [b, D] and f_loc [b, F, D] are its pairs; eps_all [B, D] is the noise of
+    every pair of the global batch (the same on every rank). Without `gather`, b = B (one process)."""
+    single = gather is None
+    t_all = t_loc if single else gather(t_loc)  # [B, D]
+    f_all = f_loc if single else gather(f_loc)  # [B, F, D]
+    b, rows = t_loc.shape[0], slice(offset, offset + t_loc.shape[0])
+    r_all = radius(paired_cosines(t_all, f_all))  # [B, D], each text's radius from its own video
+    v_rows = pool(t_loc, f_all)  # [B, b, D]: every video pooled with each local text
+    v_cols = v_rows if single else pool(t_all, f_loc)  # [b, B, D]: each local video pooled with every text
+
+    def loss_for(text_all: torch.Tensor) -> torch.Tensor:
+        s_rows = pair_cosines(text_all[rows], v_rows)  # [b, B]
+        s_cols = s_rows.T if single else pair_cosines(text_all, v_cols).T  # [b, B]
+        return symmetric_infonce(s_rows, s_cols, offset, logit_scale)
+
+    loss_s = loss_for(stochastic_text(t_all, r_all, eps_all))
+    out = {"loss_stochastic": loss_s.detach(), "radius_l1": r_all[rows].sum(-1).mean().detach(),
+           "logit_scale": logit_scale.detach().reshape(())}
+    if support_weight > 0:
+        if support_center == "upstream":  # video i pooled with every text of the batch, averaged
+            center_loc = v_cols.mean(dim=1)
+        else:  # "paper": video i pooled with its own text
+            center_loc = v_cols[torch.arange(b), torch.arange(offset, offset + b)]
+        center_all = center_loc if single else gather(center_loc)
+        loss_sup = loss_for(support_text(t_all, r_all, center_all))
+        out["loss_support"] = loss_sup.detach()
+        out["loss"] = loss_s + support_weight * loss_sup
+    else:
+        out["loss"] = loss_s
+    return out

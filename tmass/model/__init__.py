@@ -1,0 +1,2 @@
+"""The T-MASS model: CLIP towers (clip.py), pooling (pooling.py), the text mass (stochastic.py), the module
+(tmass.py: `TMASS`), and checkpoint import/export (io.py)."""

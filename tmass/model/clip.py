@@ -1,0 +1,81 @@
+"""The CLIP towers (HF transformers `CLIPModel`): build from a local checkpoint or from a config.
+
+    text feature   t = W_text · LN(h_EOS)          [N_t, D]   (the projected EOS state; not normalised)
+    frame feature  f = W_vis · LN(h_CLS(frame))    [B, F, D]  (the projected CLS state of every frame)
+
+We call the sub-models and projections directly rather than `get_*_features`, whose return type changed in
+transformers 5 (stack notes, P5).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import CLIPConfig, CLIPModel
+
+_HUB_HINT = (
+    "--clip_path must be a local directory holding a HF CLIP checkpoint (config.json and model.safetensors "
+    "or pytorch_model.bin); nothing is downloaded at run time. On a machine with network, fetch it once, e.g. "
+    "`huggingface-cli download openai/clip-vit-base-patch16 --local-dir /shared/clip-vit-base-patch16`, "
+    "and pass that directory.")
+
+
+def clip_config(arch: str) -> CLIPConfig:
+    """The architecture of OpenAI's CLIP ViT-B/32 or ViT-B/16, or a tiny one (3.4M parameters)."""
+    text = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                max_position_embeddings=77, vocab_size=49408)
+    if arch in ("ViT-B/32", "ViT-B/16"):
+        vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      image_size=224, patch_size=int(arch[-2:]))
+        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)
+    if arch == "tiny":
+        text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=32, patch_size=16)
+        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    raise ValueError(f"unknown clip_arch {arch!r}")
+
+
+def build_clip(clip_path: str | None = None, arch: str = "ViT-B/32", config: CLIPConfig | None = None) -> CLIPModel:
+    """From a local checkpoint directory, or with random weights from `config` (or the config of `arch`)."""
+    if clip_path:
+        if not os.path.isdir(clip_path):
+            raise FileNotFoundError(f"{clip_path!r} is not a directory. {_HUB_HINT}")
+        try:
+            clip = CLIPModel.from_pretrained(clip_path, local_files_only=True)
+        except OSError as e:
+            raise FileNotFoundError(f"{clip_path}: not a loadable CLIP checkpoint ({e}). {_HUB_HINT}") from None
+    else:
+        clip = CLIPModel(config or clip_config(arch))
+    one_element_logit_scale(clip)
+    return clip
+
+
+def one_element_logit_scale(clip: CLIPModel) -> None:
+    """CLIP's logit_scale is 0-dim, which DeepSpeed's parameter broadcast cannot view as bytes (stack
+    notes, P3). Keep it as a 1-element parameter inside tmass; export converts it back."""
+    if clip.logit_scale.dim() == 0:
+        clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1))
+
+
+def text_features(clip: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """[N_t, L] token ids -> [N_t, D]."""
+    pooled = clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+    return clip.text_projection(pooled)
+
+
+def frame_features(clip: CLIPModel, video: torch.Tensor) -> torch.Tensor:
+    """[B, F, 3, H, W] pixels (normalised) -> [B, F, D]."""
+    b, f = video.shape[:2]
+    pooled = clip.vision_model(pixel_values=video.flatten(0, 1)).pooler_output
+    return clip.visual_projection(pooled).view(b, f, -1)
+
+
+def enable_grad_checkpointing(clip: CLIPModel) -> None:
+    """Recompute both towers' activations in backward (non-reentrant, so frozen inputs are fine)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(clip, "activation_checkpointing_enable"):  # transformers >= 5
+        clip.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
