@@ -70,3 +70,16 @@ def tmass_loss(t, f, eps, sd, tau, support_weight=0.0, center="upstream", radius
         s2 = [[cos(tsup[j], v[i][j]) for i in range(B)] for j in range(B)]
         loss = loss + support_weight * infonce(s2, tau)
     return loss
+
+
+def eval_score(t, frames, sd, eps_list, radius_prefix="radius.linear_proj."):
+    """max_m cos(t + R(t, v) * eps_m, psi(v | t)) for one text and one video, by loops."""
+    W, bias = sd[radius_prefix + "weight"], sd[radius_prefix + "bias"]
+    p = pool_one(t, frames, sd)
+    R = radius_one(t, frames, W, bias)
+    return max(cos(t + R * e, p) for e in eps_list)
+
+
+def ranks_by_hand(scores, right):
+    """For each row, how many entries beat the right one strictly."""
+    return [sum(1 for v in row if v > row[r]) for row, r in zip(scores, right)]

@@ -89,9 +89,16 @@ def test_noise_priors_and_keys():
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01  # not zero-mean, as upstream
     n = draw_noise((20000,), "normal", 3e-3, g)
     assert abs(n.std() - 3e-3) < 1e-4 and abs(n.mean()) < 1e-4
-    a = keyed_noise([(24, 0, 5), (24, 0, 6)], D, "uniform01", 1.0)
-    b = keyed_noise([(24, 0, 6)], D, "uniform01", 1.0)
-    assert torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])
+    for prior in ("uniform01", "normal"):
+        block = keyed_noise((24, "text", 7), 6, D, prior, 1.0)  # rows 0..5 at once
+        one_by_one = torch.cat([keyed_noise((24, "text", 7), 1, D, prior, 1.0, first=r) for r in range(6)])
+        assert torch.equal(block, one_by_one) and not torch.equal(block[0], block[1])
+        assert torch.equal(keyed_noise((24, "text", 7), 2, D, prior, 1.0, first=3), block[3:5])
+        assert not torch.equal(keyed_noise((24, "text", 8), 1, D, prior, 1.0), block[:1])
+    big = keyed_noise((1,), 4000, 5, "normal", 2.0)
+    assert abs(big.std() - 2.0) < 0.05 and abs(big.mean()) < 0.05
+    u = keyed_noise((1,), 4000, 5, "uniform01", 1.0)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.02
 
 
 def _head(seed=0):

@@ -32,6 +32,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config import DataConfig
 from .tokenizer import tokenize, trim
 from .transforms import eval_transform, train_transform
 from .video import DecodeError, TimedDecoder, decode_frames
@@ -39,34 +40,6 @@ from .video import DecodeError, TimedDecoder, decode_frames
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 log = logging.getLogger("tmass.data")
 VIDEO_KEYS = ("mp4", "avi", "mkv", "webm", "mov", "mpg", "mpeg", "m4v", "wmv", "3gp", "flv", "mts", "ts")
-
-
-@dataclass
-class DataConfig:
-    num_frames: int = 12
-    video_sample_type: str = "uniform"  # upstream's default for train and test; or "rand"
-    input_res: int = 224
-    batch_size: int = 32  # per rank
-    num_workers: int = 2  # per rank
-    caption_sampling: str = "random"  # a random caption each time a video is seen; or "pairs" (upstream)
-    shard_sampling: str = "resampled"  # with replacement; or "shuffled" (a permutation of the shards per epoch)
-    shuffle_buffer: int = 1000  # raw samples, before decoding (0 or 1: no shuffle buffer)
-    shuffle_initial: int = 100
-    decode_timeout: float = 10.0  # seconds; 0 disables the watchdog
-    max_bad_fraction: float = 0.05
-    seed: int = 24
-
-    def __post_init__(self) -> None:
-        checks = [(self.video_sample_type in ("uniform", "rand"), "--video_sample_type must be uniform or rand"),
-                  (self.caption_sampling in ("random", "pairs"), "--caption_sampling must be random or pairs"),
-                  (self.shard_sampling in ("resampled", "shuffled"), "--shard_sampling must be resampled or shuffled"),
-                  (self.num_frames >= 1, "--num_frames must be at least 1"),
-                  (self.batch_size >= 1, "--batch_size must be at least 1"),
-                  (self.num_workers >= 0, "--num_workers must be 0 or more"),
-                  (0 <= self.max_bad_fraction <= 1, "--max_bad_fraction must be in [0, 1]")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 # ------------------------------------------------------------------------------------------- shards and counts
@@ -359,7 +332,7 @@ class EvalStream(IterableDataset):
         readers = self.world * max(1, self.cfg.num_workers)
         reader = self.rank * max(1, self.cfg.num_workers) + worker
         stats = SkipStats()
-        items = []
+        items, reported = [], 0
         for sample in read_samples(self.urls, iter(reader_assignment(len(self.urls), readers, reader)), stats):
             stats.seen += 1
             url = self.urls[sample["__shard__"]]
@@ -376,20 +349,27 @@ class EvalStream(IterableDataset):
             items.append({"video": eval_transform(frames, self.cfg.input_res), "captions": caps,
                           "shard": sample["__shard__"], "pos": sample["__pos__"], "key": sample["__key__"]})
             if len(items) == self.batch_size:
-                yield self._collate(items, stats)
-                items = []
-        if items:
-            yield self._collate(items, stats)
+                yield self._collate(items, stats, reader)
+                items, reported = [], stats.seen
+        if items or stats.seen != reported:
+            yield self._collate(items, stats, reader)  # the last batch (maybe empty) carries the final counts
 
-    def _collate(self, items: list[dict], stats: SkipStats) -> dict:
+    def _collate(self, items: list[dict], stats: SkipStats, reader: int) -> dict:
         texts = [c for it in items for c in it["captions"]]
-        ids, mask = trim(*tokenize(self.tokenizer, texts))
-        return {"video": torch.stack([it["video"] for it in items]),
-                "shard": torch.tensor([it["shard"] for it in items]), "pos": torch.tensor([it["pos"] for it in items]),
+        if texts:
+            ids, mask = trim(*tokenize(self.tokenizer, texts))
+        else:
+            ids, mask = torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long)
+        s = self.cfg.input_res
+        video = torch.stack([it["video"] for it in items]) if items else torch.zeros(
+            0, self.cfg.num_frames, 3, s, s, dtype=torch.uint8)
+        return {"video": video,
+                "shard": torch.tensor([it["shard"] for it in items], dtype=torch.long),
+                "pos": torch.tensor([it["pos"] for it in items], dtype=torch.long),
                 "keys": [it["key"] for it in items], "input_ids": ids, "attention_mask": mask,
-                "text_video": torch.tensor([i for i, it in enumerate(items) for _ in it["captions"]]),
-                "caption_index": torch.tensor([k for it in items for k in range(len(it["captions"]))]),
-                "stats": stats.to_dict()}
+                "text_video": torch.tensor([i for i, it in enumerate(items) for _ in it["captions"]], dtype=torch.long),
+                "caption_index": torch.tensor([k for it in items for k in range(len(it["captions"]))], dtype=torch.long),
+                "stats": stats.to_dict(), "reader": reader}
 
 
 def make_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:

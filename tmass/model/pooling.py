@@ -25,10 +25,12 @@ class CrossAttention(nn.Module):
 
     def forward(self, text: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         q = self.q_proj(text)  # [N_t, D]
-        k, u = self.k_proj(frames), self.v_proj(frames)  # [N_v, F, D]
+        k = self.k_proj(frames)  # [N_v, F, D]
+        # W_o (sum_f a_f u_f) + b_o = sum_f a_f (W_o u_f + b_o) since the weights sum to 1: projecting the
+        # F values once per video instead of once per (video, text) pair saves a D x D product per pair.
+        u = self.out_proj(self.v_proj(frames))  # [N_v, F, D]
         logits = torch.einsum("vfd,td->vtf", k, q) / math.sqrt(q.shape[-1])  # [N_v, N_t, F]
-        weights = logits.softmax(dim=-1)
-        return self.out_proj(torch.einsum("vtf,vfd->vtd", weights, u))  # [N_v, N_t, D]
+        return torch.einsum("vtf,vfd->vtd", logits.softmax(dim=-1), u)  # [N_v, N_t, D]
 
 
 class TextConditionedPool(nn.Module):

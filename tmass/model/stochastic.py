@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,18 +58,28 @@ def draw_noise(shape: tuple[int, ...], prior: str, std: float, generator: torch.
     raise ValueError(f"unknown stochastic prior {prior!r}")
 
 
-def keyed_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded by a tuple of integers (seed, step, sample index, ...): the same numbers for
-    the same key on every rank, in every world size."""
-    digest = hashlib.blake2b(repr(tuple(int(k) for k in key)).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+def _philox(key: tuple, start: int) -> np.random.Generator:
+    """A counter-based stream: the numbers at positions start, start+1, ... of the stream named `key`
+    (start a multiple of 4: Philox-4x64 makes 4 words per counter step)."""
+    words = np.frombuffer(hashlib.blake2b(repr(tuple(key)).encode(), digest_size=16).digest(), dtype=np.uint64)
+    return np.random.Generator(np.random.Philox(key=words, counter=np.array([start // 4, 0, 0, 0], np.uint64)))
 
 
-def keyed_noise(keys: list[tuple[int, ...]], dim: int, prior: str, std: float) -> torch.Tensor:
-    """One noise row [dim] per key, each from its own keyed generator: [len(keys), dim] on the CPU."""
-    if not keys:
-        return torch.empty(0, dim)
-    return torch.stack([draw_noise((dim,), prior, std, keyed_generator(*k)) for k in keys])
+def keyed_noise(key: tuple, count: int, dim: int, prior: str, std: float, first: int = 0) -> torch.Tensor:
+    """Rows first .. first+count-1 of the noise stream `key`, each `dim` draws of the prior: [count, dim].
+
+    Row r always holds the same numbers, however the rows are fetched (one at a time or in blocks, on any
+    rank), so results do not depend on the world size or the chunk size."""
+    per_row = dim if prior == "uniform01" else 2 * dim  # Box-Muller takes two uniforms per normal
+    stride = -(-per_row // 4) * 4
+    u = _philox(key, first * stride).random(count * stride).reshape(count, stride)[:, :per_row]
+    if prior == "uniform01":
+        out = u
+    elif prior == "normal":
+        out = np.sqrt(-2.0 * np.log1p(-u[:, :dim])) * np.cos(2 * np.pi * u[:, dim:]) * std
+    else:
+        raise ValueError(f"unknown stochastic prior {prior!r}")
+    return torch.from_numpy(out.astype(np.float32))
 
 
 def stochastic_text(text: torch.Tensor, radius: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

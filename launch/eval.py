@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Sharded, leak-free T-MASS evaluation. All logic lives in tmass.evaluate.
+
+    deepspeed --num_gpus 8 launch/eval.py --checkpoint outputs/msrvtt --test_shards 'shards/msrvtt/test-{000000..000004}.tar'
+    python launch/eval.py --checkpoint model_best.pth --clip_arch ViT-B/32 --clip_path /shared/clip-vit-base-patch32 ...
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tmass.config import parse_config  # noqa: E402
+from tmass.evaluate import run  # noqa: E402
+
+if __name__ == "__main__":
+    run(parse_config(sys.argv[1:], prog="launch/eval.py"))

@@ -1,0 +1,191 @@
+"""The sharded evaluation against independent references: a float64 triple loop for the scores, hand-made
+ranks for the metrics, and a second world size and chunk size for the sharding."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import _reference as ref
+from conftest import REPO
+from tmass.config import EvalConfig, ModelConfig
+from tmass.evaluate import Encoded, own_caption_pooled, score_rows
+from tmass.metrics import best_caption_scores, metrics_from_ranks, t2v_ranks
+from tmass.model.stochastic import keyed_noise
+from tmass.model.tmass import TMASS
+
+D, F = 32, 4
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = TMASS(ModelConfig(clip_arch="tiny", num_frames=F, transformer_dropout=0.0, **kw)).eval()
+    with torch.no_grad():  # move the head off its identity init
+        for p in list(m.pool_frames.parameters()) + list(m.radius.parameters()):
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def random_set(n_t=7, n_v=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    text_video = torch.tensor([0, 0, 1, 2, 2, 2, 3][:n_t])
+    return Encoded(torch.randn(n_t, D, generator=g), torch.randn(n_v, F, D, generator=g), text_video,
+                   [f"v{i}" for i in range(n_v)], {})
+
+
+def head_state(model):
+    sd = {f"pool_frames.{k}": v.double() for k, v in model.pool_frames.state_dict().items()}
+    return sd | {f"radius.{k}": v.double() for k, v in model.radius.state_dict().items()}
+
+
+@pytest.mark.parametrize("noise", ["per_text", "per_pair"])
+@pytest.mark.parametrize("prior", ["uniform01", "normal"])
+def test_scores_against_a_triple_loop(noise, prior):
+    model = tiny(stochastic_prior=prior, stochastic_prior_std=0.5)
+    enc, M, seed = random_set(), 5, 24
+    cfg = EvalConfig(stochastic_trials=M, trial_noise=noise, eval_chunk=6)  # chunks of 2 texts x 3 videos
+    got = score_rows(model, enc, torch.arange(7), cfg, seed)
+    sd = head_state(model)
+    for j in range(7):
+        for i in range(4):
+            if noise == "per_text":
+                eps = keyed_noise((seed, "text", j), M, D, prior, 0.5).double()
+            else:
+                eps = keyed_noise((seed, "pair", j), M, D, prior, 0.5, first=i * M).double()
+            expected = ref.eval_score(enc.text[j].double(), enc.frames[i].double(), sd, list(eps))
+            assert abs(got[j, i].item() - expected) < 2e-5, (j, i, got[j, i].item(), expected)
+
+
+def test_deterministic_text_scores():
+    model, enc = tiny(), random_set()
+    got = score_rows(model, enc, torch.arange(7), EvalConfig(deterministic_text=True), 24)
+    sd = head_state(model)
+    for j in range(7):
+        for i in range(4):
+            expected = ref.cos(enc.text[j].double(), ref.pool_one(enc.text[j].double(), enc.frames[i].double(), sd))
+            assert abs(got[j, i].item() - expected) < 1e-5
+
+
+def test_scores_do_not_depend_on_chunks_or_row_blocks():
+    model, enc = tiny(), random_set()
+    for noise in ("per_text", "per_pair"):
+        whole = score_rows(model, enc, torch.arange(7), EvalConfig(stochastic_trials=6, trial_noise=noise,
+                                                                   eval_chunk=10**6), 24)
+        for chunk in (1, 5, 12):
+            cfg = EvalConfig(stochastic_trials=6, trial_noise=noise, eval_chunk=chunk)
+            parts = torch.cat([score_rows(model, enc, torch.arange(a, b), cfg, 24) for a, b in ((0, 3), (3, 7))])
+            torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_against_hand_made_ranks_with_ties_and_several_captions():
+    # 5 texts of 3 videos: texts 0,1 -> video 0; text 2 -> video 1; texts 3,4 -> video 2
+    s = torch.tensor([[0.9, 0.9, 0.1],   # tie with the right one: rank 0 (ties count for the query)
+                      [0.2, 0.5, 0.7],   # rank 2
+                      [0.3, 0.3, 0.8],   # rank 1
+                      [0.1, 0.2, 0.3],   # rank 0
+                      [0.6, 0.7, 0.5]], dtype=torch.float64)  # rank 2
+    right = torch.tensor([0, 0, 1, 2, 2])
+    ranks = t2v_ranks(s, right)
+    assert ranks.tolist() == ref.ranks_by_hand(s.tolist(), right.tolist()) == [0, 2, 1, 0, 2]
+    m = metrics_from_ranks(ranks)
+    assert m["R@1"] == 40.0 and m["R@5"] == 100.0 and m["MdR"] == 2.0 and m["MnR"] == pytest.approx(2.0)
+    # v2t: candidate video k for query video i scores max over k's captions of s[caption, i]
+    best = best_caption_scores(s, right, torch.arange(3))
+    assert best.tolist() == [[0.9, 0.9, 0.7], [0.3, 0.3, 0.8], [0.6, 0.7, 0.5]]
+    v2t = (best > best.diagonal()[None, :]).sum(dim=0)
+    # query 0: own 0.9 vs 0.3, 0.6 -> 0; query 1: own 0.3 vs 0.9, 0.7 -> 2; query 2: own 0.5 vs 0.7, 0.8 -> 2
+    assert v2t.tolist() == [0, 2, 2]
+    assert metrics_from_ranks(torch.tensor([0, 1, 1, 3]))["MdR"] == 2.0
+
+
+def test_upstream_protocol_shows_the_leak_and_refuses_multi_caption_sets():
+    """With one caption per video: a pooling that depends on the text gives other metrics under the leaky
+    protocol; a pooling that ignores the text (uniform attention) gives the same ones."""
+    from tmass.evaluate import evaluate  # noqa: F401  (the protocol switch lives there)
+
+    g = torch.Generator().manual_seed(3)
+    n = 12
+    enc = Encoded(torch.randn(n, D, generator=g), torch.randn(n, F, D, generator=g), torch.arange(n),
+                  [str(i) for i in range(n)], {})
+    cfg = EvalConfig(stochastic_trials=4)
+    results = {}
+    for name, model in (("text-dependent", tiny()), ("text-blind", tiny())):
+        if name == "text-blind":
+            with torch.no_grad():
+                model.pool_frames.cross_attn.q_proj.weight.zero_()
+                model.pool_frames.cross_attn.q_proj.bias.zero_()
+        free = score_rows(model, enc, torch.arange(n), cfg, 24)
+        leaky = score_rows(model, enc, torch.arange(n), cfg, 24, own_caption_pooled(model, enc))
+        results[name] = (metrics_from_ranks(t2v_ranks(free, torch.arange(n))),
+                         metrics_from_ranks(t2v_ranks(leaky, torch.arange(n))), free, leaky)
+    free_m, leaky_m, free, leaky = results["text-dependent"]
+    assert not torch.allclose(free, leaky) and free_m != leaky_m
+    _, _, free_b, leaky_b = results["text-blind"]
+    torch.testing.assert_close(free_b, leaky_b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="N_t = 7 texts for N_v = 4"):
+        own_caption_pooled(tiny(), random_set())
+
+
+def run_eval(args, world=1):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
+    if world == 1:
+        cmd = [sys.executable, os.path.join(REPO, "launch", "eval.py")]
+    else:
+        from _procs import free_port
+        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(world),
+               "--master_port", str(free_port()),
+               os.path.join(REPO, "launch", "eval.py")]
+    p = subprocess.run(cmd + args, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, synthetic_shards):
+    from tmass.data.tokenizer import load_tokenizer, text_config_overrides
+    from tmass.model.clip import build_clip, clip_config
+    from tmass.model.io import export_hf
+
+    tok = load_tokenizer(str(synthetic_shards / "tokenizer"))
+    conf = clip_config("tiny")
+    for k, v in text_config_overrides(tok).items():
+        setattr(conf.text_config, k, v)
+    torch.manual_seed(0)
+    model = TMASS(ModelConfig(clip_arch="tiny", num_frames=F), clip=build_clip(config=conf))
+    out = tmp_path_factory.mktemp("exported")
+    export_hf(model, str(out))
+    return out
+
+
+@pytest.mark.parametrize("noise", ["per_text", "per_pair"])
+def test_world_sizes_and_chunks_give_identical_metrics(synthetic_shards, exported, tmp_path, noise):
+    """launch/eval.py as one process and through `deepspeed --num_gpus 2`, and two chunk sizes."""
+    common = ["--checkpoint", str(exported), "--test_shards", str(synthetic_shards / "test-{000000..000001}.tar"),
+              "--input_res", "32", "--num_workers", "1", "--eval_batch_size", "2", "--stochastic_trials", "4",
+              "--trial_noise", noise]
+    out = {}
+    for name, world, chunk in (("w1", 1, "100000"), ("w1c", 1, "3"), ("w2", 2, "7")):
+        path = tmp_path / f"{name}.json"
+        text = run_eval(common + ["--eval_chunk", chunk, "--results", str(path)], world)
+        out[name] = json.loads(path.read_text())
+        assert "t2v" in text and "v2t" in text
+    for name in ("w1c", "w2"):
+        assert out[name]["t2v"] == out["w1"]["t2v"] and out[name]["v2t"] == out["w1"]["v2t"]
+    r = out["w2"]
+    assert r["num_texts"] == 21 and r["num_videos"] == 7 and r["world_size"] == 2 and not r["leaky"]
+    assert r["skipped"]["ok"] == 7
+
+
+def test_eval_cli_errors(synthetic_shards, exported, tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", str(exported),
+                        "--test_shards", str(synthetic_shards / "test-000000.tar"), "--eval_protocol", "upstream",
+                        "--input_res", "32", "--num_workers", "0", "--results", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode != 0 and "one caption per video" in p.stderr
+    p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", str(exported),
+                        "--test_shards", str(synthetic_shards / "test-000000.tar"), "--num_frames", "6",
+                        "--input_res", "32"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode != 0 and "--num_frames 6 (the checkpoint has 4)" in p.stderr

@@ -1,0 +1,138 @@
+"""Processes and collectives: one code path under `deepspeed`, `torchrun`, `srun` and plain `python`.
+
+- `init()` reads RANK / WORLD_SIZE / LOCAL_RANK (set by deepspeed and torchrun; mapped from SLURM_* under srun;
+  defaulted for a single plain process), starts the process group (NCCL on GPUs, gloo on CPUs) through
+  DeepSpeed, and returns this process's place.
+- `gather_with_grad` is the autograd all-gather of the global contrastive batch: the backward sums every rank's
+  gradient for a shard back onto the rank that owns it.
+- `gather_rows` gathers tensors whose first dimension differs per rank (evaluation shares).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list such as 'gpu[012-015,020],cpu3' -> 'gpu012'."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+
+
+def env_from_slurm(env: dict | None = None) -> dict:
+    """Under `srun` (one task per GPU), map SLURM's variables onto torch's. DeepSpeed does not read them."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return {}
+    mapped = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+              "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+              "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+              "MASTER_PORT": env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
+    env.update(mapped)
+    return mapped
+
+
+def init(timeout_minutes: int = 30) -> DistInfo:
+    """Start (or join) the process group and return this process's rank, world size and device."""
+    env_from_slurm()
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    if not tdist.is_initialized():
+        import deepspeed
+
+        # Stack notes P1: the shared-memory op JIT-compiles for a minute on a fresh CPU machine and training
+        # never uses it.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        from datetime import timedelta
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
+                                   timeout=timedelta(minutes=timeout_minutes))
+    local = int(os.environ["LOCAL_RANK"])
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return DistInfo(tdist.get_rank(), tdist.get_world_size(), local, device)
+
+
+def world() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on each rank -> [world * b, ...] in rank order, differentiable."""
+    if world() == 1:
+        return x
+    import torch.distributed.nn.functional as dnn
+
+    return torch.cat(dnn.all_gather(x.contiguous()), dim=0)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows from every rank (each rank may hold a different number), concatenated in rank order."""
+    if world() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world())]
+    tdist.all_gather(sizes, n)
+    most = int(max(s.item() for s in sizes))
+    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world())]
+    tdist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)], dim=0)
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    if world() > 1:
+        tdist.all_reduce(x)
+    return x
+
+
+def all_max(x: torch.Tensor) -> torch.Tensor:
+    if world() > 1:
+        tdist.all_reduce(x, op=tdist.ReduceOp.MAX)
+    return x
+
+
+def rank() -> int:
+    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+
+
+def gather_objects(items: list) -> list:
+    """Python lists from every rank, concatenated in rank order (small metadata only)."""
+    if world() == 1:
+        return list(items)
+    out = [None] * world()
+    tdist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]

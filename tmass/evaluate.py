@@ -1,0 +1,273 @@
+"""The sharded, leak-free stochastic evaluation (method notes b.3), used by launch/eval.py and by validation
+during training.
+
+1. Encode: each rank encodes its share of the test set once (EvalStream); the shares are gathered, so every
+   rank holds all text features t [N_t, D] and frame features f [N_v, F, D], in one global order.
+2. Score: each rank takes the texts of a contiguous block of videos and scores them against all videos, in
+   chunks of at most --eval_chunk (text, video) pairs:
+       score(j, i) = max_m cos(t_j + R(t_j, v_i) * eps_{j,i,m}, psi(v_i | t_j))
+   eps comes from counter-based streams keyed by (seed, text[, video], trial): the scores do not depend on
+   the world size or the chunk size. --trial_noise per_text draws eps_{j,m} once per text and trial (common
+   random numbers) and turns the trials into three batched products:
+       cos(t + R*eps, p) = (t.p + (R*p).eps) / sqrt(|t|^2 + 2 (t*R).eps + (R*R).(eps*eps))   (|p| = 1)
+   per_pair draws an independent eps for every (text, video, trial), as upstream.
+3. Rank: t2v ranks where the scores are; v2t from each video's best caption, with only O(N_v) numbers
+   (the right-pair scores, then counts) crossing ranks; --DSL needs only per-video log-sum-exps.
+--eval_protocol upstream reproduces upstream's leaky score (the chosen trial scored against the candidate
+pooled with its *own* caption), only to compare with published numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import dist
+from .config import EvalConfig
+from .data.transforms import normalize
+from .metrics import best_caption_scores, metrics_from_ranks, t2v_ranks
+from .model.stochastic import all_cosines, keyed_noise
+
+DSL_TEMPERATURE = 100.0
+
+
+@dataclass
+class Encoded:
+    text: torch.Tensor  # [N_t, D]
+    frames: torch.Tensor  # [N_v, F, D]
+    text_video: torch.Tensor  # [N_t] global video index of each text
+    keys: list[str]  # video keys in global order
+    skipped: dict  # bad samples met while encoding, summed over ranks and workers
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and dtype != torch.float32)
+
+
+@torch.no_grad()
+def encode(model, batches, device: torch.device, autocast_dtype: torch.dtype | None = None) -> Encoded:
+    """Encode this rank's share, then gather every share into one order (sorted by shard and position)."""
+    from .data.stream import SkipStats
+
+    texts, frames, vid_order, text_order, keys, stats = [], [], [], [], [], {}
+    for b in batches:
+        stats[b["reader"]] = b["stats"]  # cumulative per reader: keep the last
+        if len(b["keys"]) == 0:
+            continue
+        with _autocast(device, autocast_dtype):
+            frames.append(model.encode_frames(normalize(b["video"].to(device, non_blocking=True))))
+            texts.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)))
+        order = b["shard"].long() * 2**31 + b["pos"].long()  # a global order that any world size agrees on
+        vid_order.append(order)
+        text_order.append(torch.stack([order[b["text_video"]], b["caption_index"].long()], dim=1))
+        keys += b["keys"]
+    dim, nf = model.dim, model.cfg.num_frames
+    frames_t = (torch.cat(frames) if frames else torch.empty(0, nf, dim, device=device)).contiguous()
+    texts_t = (torch.cat(texts) if texts else torch.empty(0, dim, device=device)).to(frames_t.dtype)
+    vid_order_t = torch.cat(vid_order).to(device) if vid_order else torch.empty(0, dtype=torch.long, device=device)
+    text_order_t = torch.cat(text_order).to(device) if text_order else torch.empty(0, 2, dtype=torch.long,
+                                                                                   device=device)
+    frames_t, texts_t = dist.gather_rows(frames_t), dist.gather_rows(texts_t)
+    vid_order_t, text_order_t = dist.gather_rows(vid_order_t), dist.gather_rows(text_order_t)
+    keys = dist.gather_objects(keys)
+    vsort = torch.argsort(vid_order_t)
+    position = torch.empty_like(vsort)
+    position[vsort] = torch.arange(len(vsort), device=vsort.device)
+    text_video = position[torch.searchsorted(vid_order_t[vsort].contiguous(), text_order_t[:, 0].contiguous())]
+    tsort = torch.argsort(text_video * 2**20 + text_order_t[:, 1])
+    total = SkipStats.total([s | {"shards": {}} for s in dist.gather_objects(list(stats.values()))])
+    skipped = {"seen": total["seen"], "ok": total["ok"], "reasons": dict(total["reasons"])}
+    return Encoded(texts_t[tsort], frames_t[vsort], text_video[tsort], [keys[i] for i in vsort.tolist()], skipped)
+
+
+# --------------------------------------------------------------------------------------------- scoring
+def per_text_cosines(t: torch.Tensor, radius: torch.Tensor, p_hat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """cos(t_j + R_ji * eps_jm, p_ji) for all m by three batched products.
+    t [c_t, D], radius and p_hat [c_t, c_v, D] (|p_hat| = 1), eps [c_t, M, D] -> [c_t, c_v, M]."""
+    base = torch.einsum("td,tvd->tv", t, p_hat)
+    a = torch.einsum("tvd,tmd->tvm", radius * p_hat, eps)
+    b = torch.einsum("tvd,tmd->tvm", radius * t[:, None, :], eps)
+    c = torch.einsum("tvd,tmd->tvm", radius * radius, eps * eps)
+    norm2 = (t * t).sum(-1)[:, None, None] + 2 * b + c
+    return (base[..., None] + a) / norm2.clamp_min(1e-12).sqrt()
+
+
+def chunk_scores(model, t: torch.Tensor, f: torch.Tensor, text_ids: torch.Tensor, first_video: int,
+                 cfg: EvalConfig, seed: int, own_hat: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [c_t, c_v] of texts t (global ids text_ids) against videos f (global ids first_video, ...)."""
+    pdtype = next(model.pool_frames.parameters()).dtype
+    pooled = model.pool_frames(t.to(pdtype), f.to(pdtype)).float().transpose(0, 1)  # [c_t, c_v, D]
+    p_hat = F.normalize(pooled, dim=-1)
+    t = t.float()
+    if cfg.deterministic_text:
+        return torch.einsum("td,tvd->tv", F.normalize(t, dim=-1), p_hat)
+    radius = model.radius(all_cosines(t, f))  # [c_t, c_v, D], fp32
+    m, dim, prior, std = cfg.stochastic_trials, t.shape[1], model.cfg.stochastic_prior, model.cfg.stochastic_prior_std
+    c_v = f.shape[0]
+    if cfg.trial_noise == "per_text":
+        eps = torch.stack([keyed_noise((seed, "text", int(j)), m, dim, prior, std) for j in text_ids]).to(t.device)
+        cos = per_text_cosines(t, radius, p_hat, eps)  # [c_t, c_v, M]
+    else:
+        eps = torch.stack([keyed_noise((seed, "pair", int(j)), c_v * m, dim, prior, std, first=first_video * m)
+                           for j in text_ids]).to(t.device).view(len(text_ids), c_v, m, dim)
+        cos = torch.einsum("tvmd,tvd->tvm", F.normalize(t[:, None, None] + radius[:, :, None] * eps, dim=-1), p_hat)
+    if own_hat is None:
+        return cos.max(dim=-1).values
+    # upstream (leaky): the trial is chosen against psi(v_i | t_j), then scored against psi(v_i | t_i)
+    best = cos.argmax(dim=-1)  # [c_t, c_v]
+    if cfg.trial_noise == "per_text":
+        eps_best = eps.gather(1, best.reshape(len(text_ids), -1, 1).expand(-1, -1, dim)).view(len(text_ids), c_v, dim)
+    else:
+        eps_best = eps.gather(2, best[..., None, None].expand(-1, -1, 1, dim)).squeeze(2)
+    chosen = F.normalize(t[:, None] + radius * eps_best, dim=-1)
+    return torch.einsum("tvd,vd->tv", chosen, own_hat)
+
+
+def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: int,
+               own_hat: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [len(rows), N_v] of the texts `rows` against every video, chunk by chunk."""
+    n_v = enc.frames.shape[0]
+    out = torch.empty(len(rows), n_v, dtype=torch.float32, device=enc.frames.device)
+    if len(rows) == 0 or n_v == 0:
+        return out
+    per_pair_cost = cfg.stochastic_trials if cfg.trial_noise == "per_pair" and not cfg.deterministic_text else 1
+    c_t = max(1, min(len(rows), math.isqrt(cfg.eval_chunk)))
+    c_v = max(1, min(n_v, cfg.eval_chunk // (c_t * per_pair_cost)))
+    for a in range(0, len(rows), c_t):
+        ids = rows[a:a + c_t]
+        t = enc.text[ids]
+        for v in range(0, n_v, c_v):
+            own = own_hat[v:v + c_v] if own_hat is not None else None
+            out[a:a + len(ids), v:v + c_v] = chunk_scores(model, t, enc.frames[v:v + c_v], ids, v, cfg, seed, own)
+    return out
+
+
+def own_caption_pooled(model, enc: Encoded) -> torch.Tensor:
+    """psi(v_i | t_i) for every video i with its own (only) caption, normalised: upstream's leaky candidate."""
+    n_t, n_v = len(enc.text_video), enc.frames.shape[0]
+    if n_t != n_v or not torch.equal(enc.text_video, torch.arange(n_v, device=enc.text_video.device)):
+        raise ValueError(f"--eval_protocol upstream needs one caption per video (N_t = N_v); this test set has "
+                         f"N_t = {n_t} texts for N_v = {n_v} videos. Use the default leak-free protocol.")
+    pdtype = next(model.pool_frames.parameters()).dtype
+    out = []
+    for v in range(0, n_v, 256):
+        t, f = enc.text[v:v + 256].to(pdtype), enc.frames[v:v + 256].to(pdtype)
+        pooled = torch.stack([model.pool_frames(t[k:k + 1], f[k:k + 1])[0, 0] for k in range(len(t))])
+        out.append(F.normalize(pooled.float(), dim=-1))
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------- the whole thing
+@torch.no_grad()
+def evaluate(model, batches, cfg: EvalConfig, seed: int, device: torch.device,
+             autocast_dtype: torch.dtype | None = None) -> dict:
+    """Encode, score and rank on every rank; every rank returns the same results dict."""
+    was_training = model.training
+    model.eval()
+    t0 = time.time()
+    enc = encode(model, batches, device, autocast_dtype)
+    t1 = time.time()
+    n_t, n_v = len(enc.text_video), enc.frames.shape[0]
+    if n_v == 0:
+        raise ValueError("the test shards gave no decodable video")
+    own_hat = own_caption_pooled(model, enc) if cfg.eval_protocol == "upstream" else None
+    rank, world = dist.rank(), dist.world()
+    v0, v1 = rank * n_v // world, (rank + 1) * n_v // world  # this rank's owner videos
+    rows = torch.nonzero((enc.text_video >= v0) & (enc.text_video < v1)).flatten()
+    scores = score_rows(model, enc, rows, cfg, seed, own_hat)  # [n_rows, N_v]
+    if cfg.dsl:  # s <- s * softmax over all queries (texts) of 100 s, per video column
+        lse = torch.logsumexp(DSL_TEMPERATURE * scores, dim=0) if len(rows) else torch.full(
+            (n_v,), float("-inf"), device=scores.device)
+        lse = torch.logsumexp(dist.gather_rows(lse[None]), dim=0)
+        scores = scores * torch.exp(DSL_TEMPERATURE * scores - lse)
+    right = enc.text_video[rows]
+    t2v = dist.gather_rows(t2v_ranks(scores, right))
+    owners = torch.arange(v0, v1, device=scores.device)
+    best = best_caption_scores(scores, right, owners)  # [v1 - v0, N_v]
+    diag = dist.gather_rows(best[torch.arange(v1 - v0), owners] if v1 > v0 else best[:0, 0])  # S'[i, i]
+    v2t = dist.all_sum((best > diag[None, :]).sum(dim=0))  # for each query video, candidates above its own
+    if cfg.save_sims:
+        full = dist.gather_rows(scores)
+        if rank == 0:
+            np.save(cfg.save_sims, full.cpu().numpy())
+    model.train(was_training)
+    leaky = cfg.eval_protocol == "upstream"
+    return {
+        "t2v": metrics_from_ranks(t2v.cpu()), "v2t": metrics_from_ranks(v2t.cpu()),
+        "protocol": cfg.eval_protocol + (" (LEAKY: candidates pooled with their own caption)" if leaky else ""),
+        "leaky": leaky, "trials": 0 if cfg.deterministic_text else cfg.stochastic_trials,
+        "trial_noise": cfg.trial_noise, "deterministic_text": cfg.deterministic_text, "dsl": cfg.dsl,
+        "seed": seed, "num_texts": n_t, "num_videos": n_v, "world_size": world, "skipped": enc.skipped,
+        "time_s": {"encode": round(t1 - t0, 3), "score": round(time.time() - t1, 3)},
+    }
+
+
+def format_table(results: dict) -> str:
+    cols = ["R@1", "R@5", "R@10", "R@50", "MdR", "MnR"]
+    head = f"{'':5}" + "".join(f"{c:>8}" for c in cols)
+    lines = [f"{results['protocol']}, {results['num_texts']} texts x {results['num_videos']} videos, "
+             f"{results['trials']} trials ({results['trial_noise']}), seed {results['seed']}"
+             + (", DSL" if results["dsl"] else ""), head]
+    for d in ("t2v", "v2t"):
+        lines.append(f"{d:5}" + "".join(f"{results[d][c]:>8.2f}" for c in cols))
+    return "\n".join(lines)
+
+
+def resolve_tokenizer(cfg) -> str:
+    """--tokenizer, else the CLIP checkpoint's, else the shards' own tokenizer/ folder."""
+    if cfg.eval.tokenizer:
+        return cfg.eval.tokenizer
+    if cfg.model.clip_path:
+        return cfg.model.clip_path
+    from .data.stream import expand_shards
+
+    folder = os.path.join(os.path.dirname(expand_shards(cfg.eval.test_shards)[0]), "tokenizer")
+    if os.path.isdir(folder):
+        return folder
+    raise SystemExit("error: no tokenizer: pass --tokenizer DIR (a CLIP checkpoint directory or a shards' "
+                     "tokenizer/ folder) or --clip_path")
+
+
+def run(cfg) -> dict:
+    """`launch/eval.py`: load the model, stream the test shards over all ranks, evaluate, report."""
+    from .config import Config
+    from .data.stream import EvalStream, expand_shards, make_loader
+    from .data.tokenizer import load_tokenizer
+    from .model.io import load_model
+
+    assert isinstance(cfg, Config)
+    if not cfg.eval.test_shards:
+        raise SystemExit("error: --test_shards is required (build them with shards/build.py)")
+    info = dist.init()
+    model = load_model(cfg.model, cfg.eval.checkpoint).to(info.device)
+    cfg.check_model(model.cfg, cfg.eval.checkpoint or "the random model")
+    cfg.data.num_frames = model.cfg.num_frames
+    tok = load_tokenizer(resolve_tokenizer(cfg))
+    stream = EvalStream(expand_shards(cfg.eval.test_shards), cfg.data, tok, cfg.eval.eval_batch_size,
+                        rank=info.rank, world=info.world)
+    results = evaluate(model, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.data.seed, info.device)
+    results["checkpoint"] = cfg.eval.checkpoint
+    results["test_shards"] = cfg.eval.test_shards
+    if info.is_main:
+        path = cfg.eval.results or (os.path.join(cfg.eval.checkpoint, "eval_results.json")
+                                    if cfg.eval.checkpoint and os.path.isdir(cfg.eval.checkpoint)
+                                    else "eval_results.json")
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1, sort_keys=True)
+        if cfg.eval.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            with SummaryWriter(cfg.eval.tensorboard_dir) as tb:
+                for d in ("t2v", "v2t"):
+                    for k, v in results[d].items():
+                        tb.add_scalar(f"test/{d}_{k}", v, 0)
+                tb.add_text("test/results", json.dumps(results, indent=1))
+        print(format_table(results))
+        print(f"results: {path}")
+    return results
