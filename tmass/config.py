@@ -20,7 +20,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
-CLIP_ARCHS = ("ViT-B/32", "ViT-B/16", "tiny")
+CLIP_ARCHS = ("ViT-B/32", "ViT-B/16", "small", "tiny")
 PRIORS = ("uniform01", "normal")
 SUPPORT_CENTERS = ("upstream", "paper")
 
@@ -33,7 +33,7 @@ def _check(checks: list[tuple[bool, str]]) -> None:
 
 @dataclass
 class ModelConfig:
-    clip_arch: str = "ViT-B/32"  # ViT-B/32, ViT-B/16, or tiny (a small random CLIP for tests and the demo)
+    clip_arch: str = "ViT-B/32"  # ViT-B/32, ViT-B/16; small (the demo's) or tiny (the tests'): random CLIPs
     clip_path: str | None = None  # a local HF CLIP checkpoint directory; none: random weights of clip_arch
     num_frames: int = 12
     transformer_dropout: float = 0.3
@@ -121,6 +121,7 @@ class TrainConfig:
     save_every_steps: int = 500
     keep_last: int = 3
     evals_per_epoch: int = 1  # validations per epoch on --val_shards
+    log_samples: bool = False  # append the keys and captions of every step to samples-rank{r}.jsonl (audits)
     local_rank: int = -1  # set by the deepspeed launcher
 
     def __post_init__(self) -> None:
@@ -171,7 +172,7 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
     "lsmdc": {"noclip_lr": 1e-5, "transformer_dropout": 0.3, "stochastic_prior": "normal",
               "stochastic_prior_std": 3e-3, "num_epochs": 5, "stochastic_trials": 20},
     "didemo": {"noclip_lr": 1e-5, "transformer_dropout": 0.4, "num_epochs": 5, "stochastic_trials": 20},
-    "demo": {"clip_arch": "tiny", "num_frames": 8, "input_res": 32, "noclip_lr": 1e-3, "clip_lr": 1e-3,
+    "demo": {"clip_arch": "tiny", "num_frames": 8, "input_res": 32, "noclip_lr": 1e-3, "clip_lr": 1e-4,
              "transformer_dropout": 0.1, "num_epochs": 3, "stochastic_trials": 8, "weight_decay": 0.01,
              "support_loss_weight": 0.0, "num_workers": 1, "decode_timeout": 30.0, "shuffle_buffer": 200},
 }

@@ -89,13 +89,27 @@ def world() -> int:
     return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[b, ...] on each rank -> [world * b, ...] in rank order, differentiable."""
-    if world() == 1:
-        return x
-    import torch.distributed.nn.functional as dnn
+class _GatherWithGrad(torch.autograd.Function):
+    """forward: all-gather [b, ...] -> [W * b, ...]. backward: every rank's loss depends on every shard, so the
+    gradient of this rank's shard is the sum over ranks of their gradients for it (all-reduce, then slice)."""
 
-    return torch.cat(dnn.all_gather(x.contiguous()), dim=0)
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
+        tdist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = tdist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        tdist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on each rank (the same b everywhere) -> [world * b, ...] in rank order, differentiable."""
+    return x if world() == 1 else _GatherWithGrad.apply(x)
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:

@@ -219,26 +219,11 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def resolve_tokenizer(cfg) -> str:
-    """--tokenizer, else the CLIP checkpoint's, else the shards' own tokenizer/ folder."""
-    if cfg.eval.tokenizer:
-        return cfg.eval.tokenizer
-    if cfg.model.clip_path:
-        return cfg.model.clip_path
-    from .data.stream import expand_shards
-
-    folder = os.path.join(os.path.dirname(expand_shards(cfg.eval.test_shards)[0]), "tokenizer")
-    if os.path.isdir(folder):
-        return folder
-    raise SystemExit("error: no tokenizer: pass --tokenizer DIR (a CLIP checkpoint directory or a shards' "
-                     "tokenizer/ folder) or --clip_path")
-
-
 def run(cfg) -> dict:
     """`launch/eval.py`: load the model, stream the test shards over all ranks, evaluate, report."""
     from .config import Config
     from .data.stream import EvalStream, expand_shards, make_loader
-    from .data.tokenizer import load_tokenizer
+    from .data.tokenizer import load_tokenizer, resolve_tokenizer
     from .model.io import load_model
 
     assert isinstance(cfg, Config)
@@ -248,7 +233,9 @@ def run(cfg) -> dict:
     model = load_model(cfg.model, cfg.eval.checkpoint).to(info.device)
     cfg.check_model(model.cfg, cfg.eval.checkpoint or "the random model")
     cfg.data.num_frames = model.cfg.num_frames
-    tok = load_tokenizer(resolve_tokenizer(cfg))
+    own = os.path.join(cfg.eval.checkpoint or "", "tokenizer")  # an exported dir or a run dir carries its own
+    tok = load_tokenizer(cfg.eval.tokenizer or (own if cfg.eval.checkpoint and os.path.isdir(own) else
+                                                resolve_tokenizer(None, cfg.model.clip_path, cfg.eval.test_shards)))
     stream = EvalStream(expand_shards(cfg.eval.test_shards), cfg.data, tok, cfg.eval.eval_batch_size,
                         rank=info.rank, world=info.world)
     results = evaluate(model, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.data.seed, info.device)

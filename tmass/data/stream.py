@@ -374,5 +374,7 @@ class EvalStream(IterableDataset):
 
 def make_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     """A DataLoader that runs the stream's stages in `num_workers` processes (0: in this one)."""
+    # Its own generator: creating a loader must not draw from the global RNG, or a resumed run's dropout
+    # masks would drift from the uninterrupted run's (the streams draw nothing from it).
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None)
+                      prefetch_factor=4 if num_workers else None, generator=torch.Generator().manual_seed(0))

@@ -65,3 +65,19 @@ def trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.T
     state blind to everything after it."""
     n = int(attention_mask.sum(dim=1).max()) if attention_mask.numel() else 1
     return input_ids[:, :n].contiguous(), attention_mask[:, :n].contiguous()
+
+
+def resolve_tokenizer(explicit: str | None, clip_path: str | None, shards: str | None) -> str:
+    """--tokenizer, else the CLIP checkpoint's, else the shards' own tokenizer/ folder."""
+    if explicit:
+        return explicit
+    if clip_path:
+        return clip_path
+    if shards:
+        from .stream import expand_shards
+
+        folder = os.path.join(os.path.dirname(expand_shards(shards)[0]), "tokenizer")
+        if os.path.isdir(folder):
+            return folder
+    raise SystemExit("error: no tokenizer: pass --tokenizer DIR (a CLIP checkpoint directory or a shards' "
+                     "tokenizer/ folder) or --clip_path")

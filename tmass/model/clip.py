@@ -22,13 +22,18 @@ _HUB_HINT = (
 
 
 def clip_config(arch: str) -> CLIPConfig:
-    """The architecture of OpenAI's CLIP ViT-B/32 or ViT-B/16, or a tiny one (3.4M parameters)."""
+    """The architecture of OpenAI's CLIP ViT-B/32 or ViT-B/16; `small` (the demo's) or `tiny` (the tests')."""
     text = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
                 max_position_embeddings=77, vocab_size=49408)
     if arch in ("ViT-B/32", "ViT-B/16"):
         vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                       image_size=224, patch_size=int(arch[-2:]))
         return CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)
+    if arch == "small":  # the demo's: 64x64 frames in 8x8 patches, enough to see where small shapes move
+        text.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+        vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                      image_size=64, patch_size=8)
+        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)
     if arch == "tiny":
         text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
         vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -115,16 +115,18 @@ def load_hf(out_dir: str, **overrides) -> TMASS:
 
 
 def load_model(cfg: ModelConfig, checkpoint: str | None) -> TMASS:
-    """The model to evaluate: an exported directory (its own config), a training output directory or DeepSpeed
-    checkpoint (issue #5's format: see tmass.train), an upstream .pth (built from `cfg`), or random weights."""
+    """The model to evaluate: an exported directory (its own config), a training run directory (its best
+    checkpoint by validation, else its latest; see tmass.train), an upstream .pth (built from `cfg`), or
+    random weights."""
     if checkpoint is None:
         return TMASS(cfg)
     if os.path.isdir(checkpoint) and os.path.exists(os.path.join(checkpoint, "tmass_config.json")):
         return load_hf(checkpoint)
     if os.path.isdir(checkpoint):
-        from ..train import load_training_checkpoint  # a DeepSpeed run directory
+        from ..train import load_training_checkpoint  # a run directory: its best checkpoint, else the latest
 
-        return load_training_checkpoint(checkpoint)
+        best = os.path.join(checkpoint, "checkpoints", "best")
+        return load_training_checkpoint(checkpoint, "best" if os.path.isdir(best) else None)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or directory")
     model = TMASS(cfg)
