@@ -39,3 +39,38 @@ def global_batch_worker(rank: int, world: int, port: int, inputs: dict, out_dir:
     if rank == 0:
         torch.save({"loss": loss / world, "grads": grads}, os.path.join(out_dir, "dist.pt"))
     tdist.destroy_process_group()
+
+
+class TokenEcho(torch.nn.Module):
+    """A stand-in model whose text feature is the text's first 8 token ids and whose frames are zeros: lets a
+    test check which caption ended up in which row."""
+
+    def __init__(self):
+        super().__init__()
+        self.dim = 8
+        self.cfg = type("cfg", (), {"num_frames": 4})()
+
+    def encode_text(self, ids, mask):
+        return torch.nn.functional.pad(ids[:, :8], (0, max(0, 8 - ids.shape[1])), value=-1).float()
+
+    def encode_frames(self, video):
+        return torch.zeros(video.shape[0], 4, 8)
+
+
+def encode_worker(rank: int, world: int, port: int, shards: list, tokenizer: str, out_dir: str) -> None:
+    """encode() on `world` ranks with 2 loader workers each; rank 0 saves what every rank ended up with."""
+    start(rank, world, port)
+    from tmass.config import DataConfig
+    from tmass.data.stream import EvalStream, make_loader
+    from tmass.data.tokenizer import load_tokenizer
+    from tmass.evaluate import encode
+
+    tok = load_tokenizer(tokenizer)
+    ds = EvalStream(shards, DataConfig(num_frames=4, input_res=32, num_workers=2), tok, 2, rank=rank, world=world)
+    enc = encode(TokenEcho(), make_loader(ds, 2), torch.device("cpu"))
+    if rank == 0:
+        torch.save({"text": enc.text, "text_video": enc.text_video, "keys": enc.keys},
+                   os.path.join(out_dir, f"enc{world}.pt"))
+    import torch.distributed as tdist
+
+    tdist.destroy_process_group()

@@ -37,3 +37,14 @@ def test_bench_loader_runs(tmp_path):
     assert p.returncode == 0, p.stderr
     rates = json.loads(out.read_text())["clips_per_s_per_core"]
     assert set(rates) == {"shards", "upstream raw", "upstream precompressed"} and all(v > 0 for v in rates.values())
+
+
+def test_bench_eval_runs_small(tmp_path):
+    out = tmp_path / "e.json"
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "eval.py"), "--sizes", "40", "--upstream_max", "40",
+                        "--trials", "3", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["world"]) for r in rows] == [("upstream", 1), ("tmass", 1), ("tmass", 2),
+                                                         ("tmass", 1), ("tmass", 2)]
+    assert "vs (a)" in p.stdout

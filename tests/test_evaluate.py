@@ -189,3 +189,30 @@ def test_eval_cli_errors(synthetic_shards, exported, tmp_path):
                         "--test_shards", str(synthetic_shards / "test-000000.tar"), "--num_frames", "6",
                         "--input_res", "32"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode != 0 and "--num_frames 6 (the checkpoint has 4)" in p.stderr
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_encode_puts_every_caption_beside_its_own_video(synthetic_shards, tmp_path, world):
+    """Against the shards themselves: row j of the gathered texts is a caption of video text_video[j], for 1, 2
+    and 3 ranks x 2 workers over 2 shards (so ranks and workers interleave the videos)."""
+    import torch.multiprocessing as mp
+    import webdataset as wds
+
+    import _dist_workers
+    from _procs import free_port
+    from tmass.data.tokenizer import load_tokenizer
+
+    shards = [str(synthetic_shards / "test-000000.tar"), str(synthetic_shards / "test-000001.tar")]
+    tok_dir = str(synthetic_shards / "tokenizer")
+    mp.spawn(_dist_workers.encode_worker, args=(world, free_port(), shards, tok_dir, str(tmp_path)), nprocs=world)
+    got = torch.load(tmp_path / f"enc{world}.pt")
+    tok = load_tokenizer(tok_dir)
+    captions = {s["__key__"]: json.loads(s["json"])["captions"]
+                for s in wds.WebDataset(shards, shardshuffle=False, nodesplitter=lambda x: x)}
+    assert got["keys"] == [f"synth_test_{i:06d}" for i in range(7)]
+    assert len(got["text"]) == 21
+    for j, row in enumerate(got["text"].long().tolist()):
+        key = got["keys"][int(got["text_video"][j])]
+        ids = [(tok(c)["input_ids"] + [tok.pad_token_id] * 8)[:8] for c in captions[key]]
+        assert row in ids, (j, key)
+    assert got["text_video"].tolist() == sorted(got["text_video"].tolist())

@@ -58,6 +58,8 @@ class DataConfig:
     num_frames: int = 12  # set from the model's
     video_sample_type: str = "uniform"  # upstream's default for train and test; or rand
     input_res: int = 224
+    crop_scale_min: float = 0.5  # RandomResizedCrop's smallest area fraction in training
+    hflip_prob: float = 0.5  # horizontal flips in training (upstream's; they swap left and right)
     batch_size: int = 32  # per rank in the streams; the global batch in TrainConfig (from the DeepSpeed JSON)
     num_workers: int = 2  # loader workers per rank
     caption_sampling: str = "random"  # a random caption each time a video is seen; or pairs (upstream)
@@ -174,6 +176,7 @@ PRESETS: dict[str, dict[str, typing.Any]] = {
     "didemo": {"noclip_lr": 1e-5, "transformer_dropout": 0.4, "num_epochs": 5, "stochastic_trials": 20},
     "demo": {"clip_arch": "tiny", "num_frames": 8, "input_res": 32, "noclip_lr": 1e-3, "clip_lr": 1e-4,
              "transformer_dropout": 0.1, "num_epochs": 3, "stochastic_trials": 8, "weight_decay": 0.01,
+             "hflip_prob": 0.0, "crop_scale_min": 0.8,
              "support_loss_weight": 0.0, "num_workers": 1, "decode_timeout": 30.0, "shuffle_buffer": 200},
 }
 DATASET_NAMES = {"MSRVTT": "msrvtt", "LSMDC": "lsmdc", "DiDeMo": "didemo"}

@@ -76,10 +76,8 @@ def encode(model, batches, device: torch.device, autocast_dtype: torch.dtype | N
     frames_t, texts_t = dist.gather_rows(frames_t), dist.gather_rows(texts_t)
     vid_order_t, text_order_t = dist.gather_rows(vid_order_t), dist.gather_rows(text_order_t)
     keys = dist.gather_objects(keys)
-    vsort = torch.argsort(vid_order_t)
-    position = torch.empty_like(vsort)
-    position[vsort] = torch.arange(len(vsort), device=vsort.device)
-    text_video = position[torch.searchsorted(vid_order_t[vsort].contiguous(), text_order_t[:, 0].contiguous())]
+    vsort = torch.argsort(vid_order_t)  # global video index = place in the sorted order
+    text_video = torch.searchsorted(vid_order_t[vsort].contiguous(), text_order_t[:, 0].contiguous())
     tsort = torch.argsort(text_video * 2**20 + text_order_t[:, 1])
     total = SkipStats.total([s | {"shards": {}} for s in dist.gather_objects(list(stats.values()))])
     skipped = {"seen": total["seen"], "ok": total["ok"], "reasons": dict(total["reasons"])}
@@ -98,6 +96,19 @@ def per_text_cosines(t: torch.Tensor, radius: torch.Tensor, p_hat: torch.Tensor,
     return (base[..., None] + a) / norm2.clamp_min(1e-12).sqrt()
 
 
+def per_pair_cosines(t: torch.Tensor, radius: torch.Tensor, p_hat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The same formula with an eps of its own for every pair: eps [c_t, c_v, M, D] -> [c_t, c_v, M], as
+    batched matrix-vector products (the noisy texts are never materialised)."""
+    ct, cv, m, d = eps.shape
+    e = eps.reshape(ct * cv, m, d)
+    base = torch.einsum("td,tvd->tv", t, p_hat)
+    vecs = torch.stack([radius * p_hat, radius * t[:, None, :]], dim=-1).reshape(ct * cv, d, 2)
+    a, b = torch.bmm(e, vecs).unbind(-1)  # [c_t c_v, M] each
+    c = torch.bmm(e * e, (radius * radius).reshape(ct * cv, d, 1)).squeeze(-1)
+    norm2 = (t * t).sum(-1)[:, None, None] + (2 * b + c).view(ct, cv, m)
+    return (base[..., None] + a.view(ct, cv, m)) / norm2.clamp_min(1e-12).sqrt()
+
+
 def chunk_scores(model, t: torch.Tensor, f: torch.Tensor, text_ids: torch.Tensor, first_video: int,
                  cfg: EvalConfig, seed: int, own_hat: torch.Tensor | None = None) -> torch.Tensor:
     """Scores [c_t, c_v] of texts t (global ids text_ids) against videos f (global ids first_video, ...)."""
@@ -114,9 +125,11 @@ def chunk_scores(model, t: torch.Tensor, f: torch.Tensor, text_ids: torch.Tensor
         eps = torch.stack([keyed_noise((seed, "text", int(j)), m, dim, prior, std) for j in text_ids]).to(t.device)
         cos = per_text_cosines(t, radius, p_hat, eps)  # [c_t, c_v, M]
     else:
-        eps = torch.stack([keyed_noise((seed, "pair", int(j)), c_v * m, dim, prior, std, first=first_video * m)
-                           for j in text_ids]).to(t.device).view(len(text_ids), c_v, m, dim)
-        cos = torch.einsum("tvmd,tvd->tvm", F.normalize(t[:, None, None] + radius[:, :, None] * eps, dim=-1), p_hat)
+        eps = torch.empty(len(text_ids), c_v * m, dim)
+        for row, j in enumerate(text_ids):
+            eps[row] = keyed_noise((seed, "pair", int(j)), c_v * m, dim, prior, std, first=first_video * m)
+        eps = eps.to(t.device).view(len(text_ids), c_v, m, dim)
+        cos = per_pair_cosines(t, radius, p_hat, eps)
     if own_hat is None:
         return cos.max(dim=-1).values
     # upstream (leaky): the trial is chosen against psi(v_i | t_j), then scored against psi(v_i | t_i)
@@ -136,9 +149,11 @@ def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: i
     out = torch.empty(len(rows), n_v, dtype=torch.float32, device=enc.frames.device)
     if len(rows) == 0 or n_v == 0:
         return out
-    per_pair_cost = cfg.stochastic_trials if cfg.trial_noise == "per_pair" and not cfg.deterministic_text else 1
-    c_t = max(1, min(len(rows), math.isqrt(cfg.eval_chunk)))
-    c_v = max(1, min(n_v, cfg.eval_chunk // (c_t * per_pair_cost)))
+    # per_pair holds M noise vectors per pair: fewer pairs per chunk, for the same memory
+    pairs = cfg.eval_chunk // (cfg.stochastic_trials if cfg.trial_noise == "per_pair" and not cfg.deterministic_text
+                               else 1)
+    c_t = max(1, min(len(rows), math.isqrt(max(1, pairs))))
+    c_v = max(1, min(n_v, pairs // c_t))
     for a in range(0, len(rows), c_t):
         ids = rows[a:a + c_t]
         t = enc.text[ids]
@@ -173,6 +188,15 @@ def evaluate(model, batches, cfg: EvalConfig, seed: int, device: torch.device,
     t0 = time.time()
     enc = encode(model, batches, device, autocast_dtype)
     t1 = time.time()
+    results = rank_all(model, enc, cfg, seed)
+    model.train(was_training)
+    results["skipped"] = enc.skipped
+    results["time_s"] = {"encode": round(t1 - t0, 3), "score": round(time.time() - t1, 3)}
+    return results
+
+
+def rank_all(model, enc: Encoded, cfg: EvalConfig, seed: int) -> dict:
+    """Score this rank's block of texts against every video, then rank both directions across ranks."""
     n_t, n_v = len(enc.text_video), enc.frames.shape[0]
     if n_v == 0:
         raise ValueError("the test shards gave no decodable video")
@@ -196,15 +220,13 @@ def evaluate(model, batches, cfg: EvalConfig, seed: int, device: torch.device,
         full = dist.gather_rows(scores)
         if rank == 0:
             np.save(cfg.save_sims, full.cpu().numpy())
-    model.train(was_training)
     leaky = cfg.eval_protocol == "upstream"
     return {
         "t2v": metrics_from_ranks(t2v.cpu()), "v2t": metrics_from_ranks(v2t.cpu()),
         "protocol": cfg.eval_protocol + (" (LEAKY: candidates pooled with their own caption)" if leaky else ""),
         "leaky": leaky, "trials": 0 if cfg.deterministic_text else cfg.stochastic_trials,
         "trial_noise": cfg.trial_noise, "deterministic_text": cfg.deterministic_text, "dsl": cfg.dsl,
-        "seed": seed, "num_texts": n_t, "num_videos": n_v, "world_size": world, "skipped": enc.skipped,
-        "time_s": {"encode": round(t1 - t0, 3), "score": round(time.time() - t1, 3)},
+        "seed": seed, "num_texts": n_t, "num_videos": n_v, "world_size": world,
     }
 
 

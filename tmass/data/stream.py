@@ -303,7 +303,8 @@ class TrainStream(IterableDataset):
         except DecodeError as e:
             stats.skip(e.reason, url)
             return None
-        return {"video": train_transform(frames, cfg.input_res, rng), "caption": caption,
+        return {"video": train_transform(frames, cfg.input_res, rng, cfg.crop_scale_min, cfg.hflip_prob),
+                "caption": caption,
                 "key": sample["__key__"]}
 
     def _collate(self, items: list[dict], stream: int, taken: int, stats: SkipStats) -> dict:

@@ -1,7 +1,8 @@
 """Clip transforms on uint8 frames [F, H, W, 3] -> uint8 [F, 3, S, S]; one draw per clip, applied to every
 frame (as upstream applies torchvision's transforms to the whole [F, 3, H, W] tensor).
 
-    train: RandomResizedCrop(S, scale=(0.5, 1), ratio=(3/4, 4/3)), then a horizontal flip with p = 0.5
+    train: RandomResizedCrop(S, scale=(--crop_scale_min 0.5, 1), ratio=(3/4, 4/3)), then a horizontal flip
+           with p = --hflip_prob 0.5 (a flip turns "moves left" into "moves right": the demo sets it to 0)
     eval:  resize the short side to S (bicubic), centre crop S x S
     normalize (on the consumer's device, in float): (x / 255 - CLIP mean) / CLIP std
 Pixels stay uint8 until `normalize`: 4x fewer bytes through the loader and to the GPU.
@@ -46,12 +47,13 @@ def crop_box(height: int, width: int, rng: random.Random, scale=(0.5, 1.0), rati
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_transform(frames: np.ndarray, size: int, rng: random.Random) -> torch.Tensor:
+def train_transform(frames: np.ndarray, size: int, rng: random.Random, crop_scale_min: float = 0.5,
+                    hflip_prob: float = 0.5) -> torch.Tensor:
     x = _chw(frames)
-    top, left, h, w = crop_box(x.shape[2], x.shape[3], rng)
+    top, left, h, w = crop_box(x.shape[2], x.shape[3], rng, scale=(crop_scale_min, 1.0))
     x = F.interpolate(x[:, :, top:top + h, left:left + w], size=(size, size), mode="bilinear", antialias=True,
                       align_corners=False)
-    if rng.random() < 0.5:
+    if rng.random() < hflip_prob:
         x = x.flip(-1)
     return x.contiguous()
 

@@ -58,28 +58,27 @@ def draw_noise(shape: tuple[int, ...], prior: str, std: float, generator: torch.
     raise ValueError(f"unknown stochastic prior {prior!r}")
 
 
-def _philox(key: tuple, start: int) -> np.random.Generator:
-    """A counter-based stream: the numbers at positions start, start+1, ... of the stream named `key`
-    (start a multiple of 4: Philox-4x64 makes 4 words per counter step)."""
+def _philox(key: tuple, start_words: int) -> np.random.Generator:
+    """A counter-based stream of 32-bit words, positioned at word `start_words` (a multiple of 8: Philox-4x64
+    makes 8 such words per counter step)."""
     words = np.frombuffer(hashlib.blake2b(repr(tuple(key)).encode(), digest_size=16).digest(), dtype=np.uint64)
-    return np.random.Generator(np.random.Philox(key=words, counter=np.array([start // 4, 0, 0, 0], np.uint64)))
+    return np.random.Generator(np.random.Philox(key=words, counter=np.array([start_words // 8, 0, 0, 0], np.uint64)))
 
 
 def keyed_noise(key: tuple, count: int, dim: int, prior: str, std: float, first: int = 0) -> torch.Tensor:
-    """Rows first .. first+count-1 of the noise stream `key`, each `dim` draws of the prior: [count, dim].
+    """Rows first .. first+count-1 of the noise stream `key`, each `dim` draws of the prior: [count, dim] fp32.
 
     Row r always holds the same numbers, however the rows are fetched (one at a time or in blocks, on any
     rank), so results do not depend on the world size or the chunk size."""
     per_row = dim if prior == "uniform01" else 2 * dim  # Box-Muller takes two uniforms per normal
-    stride = -(-per_row // 4) * 4
-    u = _philox(key, first * stride).random(count * stride).reshape(count, stride)[:, :per_row]
+    stride = -(-per_row // 8) * 8
+    u = _philox(key, first * stride).random(count * stride, dtype=np.float32).reshape(count, stride)
     if prior == "uniform01":
-        out = u
-    elif prior == "normal":
-        out = np.sqrt(-2.0 * np.log1p(-u[:, :dim])) * np.cos(2 * np.pi * u[:, dim:]) * std
-    else:
-        raise ValueError(f"unknown stochastic prior {prior!r}")
-    return torch.from_numpy(out.astype(np.float32))
+        return torch.from_numpy(u[:, :dim])
+    if prior == "normal":
+        z = np.sqrt(-2.0 * np.log1p(-u[:, :dim])) * np.cos(np.float32(2 * np.pi) * u[:, dim:per_row]) * np.float32(std)
+        return torch.from_numpy(z.astype(np.float32, copy=False))
+    raise ValueError(f"unknown stochastic prior {prior!r}")
 
 
 def stochastic_text(text: torch.Tensor, radius: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

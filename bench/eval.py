@@ -1,0 +1,175 @@
+"""Benchmark: the stochastic evaluation on random features (N_t = N_v = N, F = 12, D = 512, M = 20).
+
+    (a) upstream   a faithful re-implementation of the upstream procedure (method notes b.1): the pooled
+                   videos V [N_v, N_t, D] for every pair, then a loop over videos drawing M fresh noises per
+                   (video, text), the chosen texts stored in a second [N_v, N_t, D] tensor with a loop over
+                   texts, then the (leaky) similarity; one process
+    (b) tmass 1    tmass.evaluate.rank_all (scores + both directions' ranks) on 1 process
+    (c) tmass 2    the same on 2 processes (gloo), each scoring half of the texts
+Each runs in fresh processes, so the peak RSS is its own (the largest of the ranks for (c)); time is wall
+time of the scoring and ranking, features already in memory. Both --trial_noise modes for (b) and (c).
+
+    python bench/eval.py                          # N = 1000 (with (a)) and N = 10000 (b and c only)
+    python bench/eval.py --sizes 200 --upstream_max 200 --trials 4 --json r.json   # what the tests run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+F_FRAMES, DIM = 12, 512
+
+
+class Head(torch.nn.Module):
+    """The parts of TMASS that scoring uses (pooling, radius, config): no CLIP towers to build."""
+
+    def __init__(self):
+        super().__init__()
+        from tmass.config import ModelConfig
+        from tmass.model.pooling import TextConditionedPool
+        from tmass.model.stochastic import SimilarityRadius
+
+        torch.manual_seed(0)
+        self.cfg = ModelConfig(num_frames=F_FRAMES, transformer_dropout=0.0)
+        self.pool_frames = TextConditionedPool(DIM, 0.0)
+        self.radius = SimilarityRadius(F_FRAMES, DIM)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        self.eval()
+
+
+def features(n: int):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, DIM, generator=g) * 5, torch.randn(n, F_FRAMES, DIM, generator=g) * 5
+
+
+@torch.no_grad()
+def upstream(head: Head, n: int, trials: int) -> None:
+    """Method notes b.1, step by step, on the CPU as upstream runs it."""
+    t, frames = features(n)
+    v = head.pool_frames(t, frames)  # step 2: [N_v, N_t, D], every video pooled with every text
+    v_hat = F.normalize(v, dim=-1)
+    chosen = torch.empty(n, n, DIM)  # step 3 stores the chosen texts: the second N_v x N_t x D tensor
+    t_rep = F.normalize(t, dim=-1).unsqueeze(1).repeat(1, F_FRAMES, 1)  # upstream repeats t over the frames
+    for i in range(n):
+        frames_i = F.normalize(frames[i], dim=-1).unsqueeze(0).repeat(n, 1, 1)  # video i for every text
+        sims = torch.bmm(t_rep, frames_i.transpose(1, 2)).mean(dim=1)  # [N_t, F] via a repeated axis
+        r = head.radius(sims)
+        samples = torch.stack([F.normalize(t + r * torch.rand(n, DIM), dim=-1) for _ in range(trials)])  # fresh noise
+        best = (samples * v_hat[i][None]).sum(-1).argmax(dim=0)  # [N_t]
+        for j in range(n):  # the gather is a Python loop over texts
+            chosen[i, j] = samples[best[j], j]
+    own = v_hat[torch.arange(n), torch.arange(n)]  # steps 4-5: video i pooled with its own caption (the leak)
+    scores = torch.einsum("ijd,id->ji", chosen, own)
+    ranks = (scores > scores.diagonal()[:, None]).sum(1)
+    assert ranks.numel() == n
+
+
+def tmass_run(n: int, trials: int, noise: str, chunk: int) -> None:
+    from tmass.config import EvalConfig
+    from tmass.evaluate import Encoded, rank_all
+
+    t, frames = features(n)
+    enc = Encoded(t, frames, torch.arange(n), [], {})
+    rank_all(Head(), enc, EvalConfig(stochastic_trials=trials, trial_noise=noise, eval_chunk=chunk), 24)
+
+
+def one(args: argparse.Namespace) -> None:
+    """Run one measurement in this process (as rank RANK of WORLD_SIZE for tmass) and print a JSON line."""
+    torch.set_num_threads(args.threads)
+    if args.world > 1 or args.method == "tmass":
+        from tmass import dist
+
+        dist.init()
+    t = time.perf_counter()
+    if args.method == "upstream":
+        upstream(Head(), args.n, args.trials)
+    else:
+        tmass_run(args.n, args.trials, args.noise, args.chunk)
+    if args.world > 1:
+        torch.distributed.barrier()
+    print(json.dumps({"seconds": time.perf_counter() - t,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def measure(method: str, n: int, trials: int, noise: str, world: int, chunk: int) -> dict:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = max(1, (os.cpu_count() or 1) // world)
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--n", str(n), "--trials", str(trials),
+               "--noise", noise, "--world", str(world), "--chunk", str(chunk), "--threads", str(threads)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        out, err = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"{method} N={n} failed:\n{err[-3000:]}")
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    return {"method": method, "n": n, "noise": noise if method == "tmass" else "per_pair (upstream)",
+            "world": world, "seconds": round(max(o["seconds"] for o in outs), 2),
+            "peak_rss_mb": round(max(o["peak_rss_mb"] for o in outs))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1000,10000")
+    p.add_argument("--upstream_max", type=int, default=1000, help="run (a) only up to this N")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--chunk", type=int, default=16384)
+    p.add_argument("--json")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--noise", default="per_text", help=argparse.SUPPRESS)
+    p.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        a.method = a.one
+        one(a)
+        return
+    rows = []
+    for n in map(int, a.sizes.split(",")):
+        if n <= a.upstream_max:
+            rows.append(measure("upstream", n, a.trials, "per_pair", 1, a.chunk))
+            print(f"  (a) N={n}: {rows[-1]['seconds']} s", file=sys.stderr)
+        for noise in ("per_text", "per_pair"):
+            for world in (1, 2):
+                rows.append(measure("tmass", n, a.trials, noise, world, a.chunk))
+                print(f"  tmass N={n} {noise} world {world}: {rows[-1]['seconds']} s", file=sys.stderr)
+    print(f"\nstochastic evaluation, random features: F={F_FRAMES}, D={DIM}, M={a.trials}, {os.cpu_count()} CPU cores")
+    print(f"{'':10} {'N':>6} {'noise':>20} {'ranks':>5} {'time s':>9} {'peak RSS MB':>12} {'vs (a)':>8} {'vs (b)':>8}")
+    for r in rows:
+        base_a = next((x for x in rows if x["method"] == "upstream" and x["n"] == r["n"]), None)
+        base_b = next(x for x in rows if x["method"] == "tmass" and x["n"] == r["n"] and x["world"] == 1
+                      and x["noise"] == r["noise"]) if r["method"] == "tmass" else None
+        va = f"{base_a['seconds'] / r['seconds']:.1f}x" if base_a and r is not base_a else ""
+        vb = f"{base_b['seconds'] / r['seconds']:.2f}x" if base_b and r is not base_b else ""
+        name = "(a) upstr" if r["method"] == "upstream" else f"({'b' if r['world'] == 1 else 'c'}) tmass"
+        print(f"{name:10} {r['n']:>6} {r['noise']:>20} {r['world']:>5} {r['seconds']:>9.2f} {r['peak_rss_mb']:>12} "
+              f"{va:>8} {vb:>8}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
