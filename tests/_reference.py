@@ -83,3 +83,18 @@ def eval_score(t, frames, sd, eps_list, radius_prefix="radius.linear_proj."):
 def ranks_by_hand(scores, right):
     """For each row, how many entries beat the right one strictly."""
     return [sum(1 for v in row if v > row[r]) for row, r in zip(scores, right)]
+
+
+def multi_positive_infonce(s, tau, vids):
+    """Both directions; each query's targets are all the candidates of its own video."""
+    n = len(s)
+    def one(q_scores, q):
+        z = [tau * v for v in q_scores]
+        m = max(z)
+        all_ = m + math.log(sum(math.exp(x - m) for x in z))
+        pos = [z[k] for k in range(n) if vids[k] == vids[q]]
+        mp = max(pos)
+        return all_ - (mp + math.log(sum(math.exp(x - mp) for x in pos)))
+    rows = sum(one([s[j][i] for i in range(n)], j) for j in range(n)) / n
+    cols = sum(one([s[j][i] for j in range(n)], i) for i in range(n)) / n
+    return 0.5 * (rows + cols)

@@ -234,3 +234,19 @@ def test_model_configs_and_wrong_flags():
     m = tiny_model()
     with pytest.raises(ValueError, match="--num_frames"):
         m.encode_frames(torch.zeros(1, F + 1, 3, 32, 32))
+
+
+def test_multi_positive_loss_against_a_loop_and_unique_ids():
+    pool, rad, sd = _head()
+    B = 6
+    t, f, eps = rand(B, D, seed=21), rand(B, F, D, seed=22), rand(B, D, seed=23).abs()
+    scale = torch.tensor([math.log(20.0)], dtype=torch.float64)
+    vids = torch.tensor([7, 3, 7, 5, 3, 9])
+    out = tmass_loss(pool, rad, scale, t, f, eps, video_ids=vids)["loss"].item()
+    W, bias = sd["radius.linear_proj.weight"], sd["radius.linear_proj.bias"]
+    v = [[ref.pool_one(t[j], f[i], sd) for j in range(B)] for i in range(B)]
+    ts = [t[j] + ref.radius_one(t[j], f[j], W, bias) * eps[j] for j in range(B)]
+    s = [[ref.cos(ts[j], v[i][j]) for i in range(B)] for j in range(B)]
+    assert abs(out - ref.multi_positive_infonce(s, 20.0, vids.tolist())) < 1e-6
+    unique = tmass_loss(pool, rad, scale, t, f, eps, video_ids=torch.arange(B))["loss"].item()
+    assert abs(unique - tmass_loss(pool, rad, scale, t, f, eps)["loss"].item()) < 1e-9

@@ -155,3 +155,17 @@ def test_sigkill_after_a_checkpoint_then_relaunch_is_exact(synthetic_shards, tmp
     assert steps_a == steps_b and len(steps_a) == 32  # every step's samples, none repeated or skipped
     for k in state_a:
         torch.testing.assert_close(state_b[k], state_a[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_torchrun_and_multi_positive(synthetic_shards, tmp_path):
+    """The same entry point under torchrun (2 processes), with --multi_positive (3 captions per video, so a
+    global batch in pairs mode holds several pairs of one video)."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2", "--master_port",
+           str(free_port()), os.path.join(REPO, "launch", "train.py"),
+           *train_args(synthetic_shards, tmp_path, "--multi_positive", "--caption_sampling", "pairs",
+                       "--shuffle_buffer", "0", "--val_shards", "", steps=3)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                       env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["step"] == 3 and (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step3"

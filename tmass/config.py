@@ -146,11 +146,9 @@ class Config:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "explicit"}
 
     def check_model(self, loaded: "ModelConfig", source: str) -> None:
-        """A checkpoint carries its own model config; a flag given explicitly must agree with it."""
+        """A checkpoint carries its own architecture; an architecture flag given explicitly must agree with it."""
         wrong = [f"--{k} {getattr(self.model, k)} (the checkpoint has {getattr(loaded, k)})"
-                 for k in sorted(self.explicit) if hasattr(loaded, k) and k not in ("clip_path",)
-                 and getattr(self.model, k) != getattr(loaded, k) and k in {f.name for f in dataclasses.fields(ModelConfig)}
-                 and k not in ("transformer_dropout", "support_loss_weight", "grad_checkpointing")]
+                 for k in ("clip_arch", "num_frames") if k in self.explicit and getattr(self.model, k) != getattr(loaded, k)]
         if wrong:
             raise SystemExit(f"error: {source} does not match the flags: {'; '.join(wrong)}. Drop those flags "
                              f"or pass the checkpoint's values.")

@@ -142,6 +142,7 @@ def chunk_scores(model, t: torch.Tensor, f: torch.Tensor, text_ids: torch.Tensor
     return torch.einsum("tvd,vd->tv", chosen, own_hat)
 
 
+@torch.no_grad()
 def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: int,
                own_hat: torch.Tensor | None = None) -> torch.Tensor:
     """Scores [len(rows), N_v] of the texts `rows` against every video, chunk by chunk."""
@@ -163,6 +164,7 @@ def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: i
     return out
 
 
+@torch.no_grad()
 def own_caption_pooled(model, enc: Encoded) -> torch.Tensor:
     """psi(v_i | t_i) for every video i with its own (only) caption, normalised: upstream's leaky candidate."""
     n_t, n_v = len(enc.text_video), enc.frames.shape[0]
@@ -195,11 +197,14 @@ def evaluate(model, batches, cfg: EvalConfig, seed: int, device: torch.device,
     return results
 
 
+@torch.no_grad()
 def rank_all(model, enc: Encoded, cfg: EvalConfig, seed: int) -> dict:
     """Score this rank's block of texts against every video, then rank both directions across ranks."""
     n_t, n_v = len(enc.text_video), enc.frames.shape[0]
     if n_v == 0:
-        raise ValueError("the test shards gave no decodable video")
+        why = ", ".join(f"{r}: {n}" for r, n in enc.skipped.get("reasons", {}).items()) or "no samples"
+        raise ValueError(f"the test shards gave no usable video ({why}); evaluation needs each sample's video "
+                         f"bytes (mp4) and captions (json 'captions' or txt): build them with shards/build.py")
     own_hat = own_caption_pooled(model, enc) if cfg.eval_protocol == "upstream" else None
     rank, world = dist.rank(), dist.world()
     v0, v1 = rank * n_v // world, (rank + 1) * n_v // world  # this rank's owner videos

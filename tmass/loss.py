@@ -30,20 +30,32 @@ def pair_cosines(text: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     return torch.einsum("td,vtd->tv", F.normalize(text.float(), dim=-1), F.normalize(pooled.float(), dim=-1))
 
 
-def symmetric_infonce(s_rows: torch.Tensor, s_cols: torch.Tensor, offset: int,
-                      logit_scale: torch.Tensor) -> torch.Tensor:
+def symmetric_infonce(s_rows: torch.Tensor, s_cols: torch.Tensor, offset: int, logit_scale: torch.Tensor,
+                      positives: torch.Tensor | None = None) -> torch.Tensor:
     """1/2 [CE(tau s_rows, offset + j) + CE(tau s_cols, offset + i)]; s_rows [b, B] local texts x all videos,
-    s_cols [b, B] local videos x all texts (s_cols = s_rows^T on one process)."""
+    s_cols [b, B] local videos x all texts (s_cols = s_rows^T on one process).
+    With `positives` [b, B] (pairs of the same video), each row's target is the set of its positives:
+        -log sum_{p in P} softmax(tau s)_p = logsumexp(tau s) - logsumexp_{P}(tau s)."""
     tau = logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
-    target = torch.arange(offset, offset + s_rows.shape[0], device=s_rows.device)
-    return 0.5 * (F.cross_entropy(tau * s_rows, target) + F.cross_entropy(tau * s_cols, target))
+    if positives is None:
+        target = torch.arange(offset, offset + s_rows.shape[0], device=s_rows.device)
+        return 0.5 * (F.cross_entropy(tau * s_rows, target) + F.cross_entropy(tau * s_cols, target))
+
+    def multi(s: torch.Tensor) -> torch.Tensor:
+        logits = tau * s
+        return (logits.logsumexp(-1) - logits.masked_fill(~positives, float("-inf")).logsumexp(-1)).mean()
+
+    return 0.5 * (multi(s_rows) + multi(s_cols))
 
 
 def tmass_loss(pool: Callable, radius: Callable, logit_scale: torch.Tensor, t_loc: torch.Tensor,
                f_loc: torch.Tensor, eps_all: torch.Tensor, *, offset: int = 0, gather: Gather | None = None,
-               support_weight: float = 0.0, support_center: str = "upstream") -> dict[str, torch.Tensor]:
+               support_weight: float = 0.0, support_center: str = "upstream",
+               video_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The loss of one rank. t_loc [b, D] and f_loc [b, F, D] are its pairs; eps_all [B, D] is the noise of
-    every pair of the global batch (the same on every rank). Without `gather`, b = B (one process)."""
+    every pair of the global batch (the same on every rank). Without `gather`, b = B (one process).
+    video_ids [B] (the global batch's video of each pair) turns on multi-positive InfoNCE: pairs of the same
+    video count as positives (MSR-VTT has 20 captions per video)."""
     single = gather is None
     t_all = t_loc if single else gather(t_loc)  # [B, D]
     f_all = f_loc if single else gather(f_loc)  # [B, F, D]
@@ -52,10 +64,12 @@ def tmass_loss(pool: Callable, radius: Callable, logit_scale: torch.Tensor, t_lo
     v_rows = pool(t_loc, f_all)  # [B, b, D]: every video pooled with each local text
     v_cols = v_rows if single else pool(t_all, f_loc)  # [b, B, D]: each local video pooled with every text
 
+    positives = None if video_ids is None else video_ids[rows, None] == video_ids[None, :]  # [b, B], symmetric
+
     def loss_for(text_all: torch.Tensor) -> torch.Tensor:
         s_rows = pair_cosines(text_all[rows], v_rows)  # [b, B]
         s_cols = s_rows.T if single else pair_cosines(text_all, v_cols).T  # [b, B]
-        return symmetric_infonce(s_rows, s_cols, offset, logit_scale)
+        return symmetric_infonce(s_rows, s_cols, offset, logit_scale, positives)
 
     loss_s = loss_for(stochastic_text(t_all, r_all, eps_all))
     out = {"loss_stochastic": loss_s.detach(), "radius_l1": r_all[rows].sum(-1).mean().detach(),

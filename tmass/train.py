@@ -112,6 +112,12 @@ def check_inputs(cfg: Config) -> list[str]:
     return urls
 
 
+def key_hash(key: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
 # ------------------------------------------------------------------------------------------- model and optimiser
 def build_model(cfg: ModelConfig, tokenizer) -> TMASS:
     """From --clip_path, or random weights of --clip_arch whose text tower fits the tokenizer."""
@@ -367,8 +373,12 @@ def train(cfg: Config) -> dict:
             video = normalize(batch["video"].to(device, non_blocking=True)).to(dtype)
             eps = keyed_noise((cfg.data.seed, "train", step, micro_in_step), micro * world, dim,
                               cfg.model.stochastic_prior, cfg.model.stochastic_prior_std).to(device)
+            video_ids = None
+            if cfg.train.multi_positive:  # the global batch's video of every pair, as 63-bit key hashes
+                local = torch.tensor([key_hash(k) for k in batch["keys"]], dtype=torch.long, device=device)
+                video_ids = dist.gather_rows(local)
             out_ = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device), video, eps,
-                          offset=rank * micro, gather=dist.gather_with_grad)
+                          offset=rank * micro, gather=dist.gather_with_grad, video_ids=video_ids)
             engine.backward(out_["loss"])
             engine.step()
             position.advance(batch)

@@ -33,13 +33,13 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
+from ..shards.build import VIDEO_EXTS as VIDEO_KEYS  # the fields a builder may have stored a video under
 from .tokenizer import tokenize, trim
 from .transforms import eval_transform, train_transform
 from .video import DecodeError, TimedDecoder, decode_frames
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 log = logging.getLogger("tmass.data")
-VIDEO_KEYS = ("mp4", "avi", "mkv", "webm", "mov", "mpg", "mpeg", "m4v", "wmv", "3gp", "flv", "mts", "ts")
 
 
 # ------------------------------------------------------------------------------------------- shards and counts
@@ -329,7 +329,7 @@ class EvalStream(IterableDataset):
         self.decoder = TimedDecoder(cfg.decode_timeout, decode)
 
     def __iter__(self) -> Iterator[dict]:
-        worker, workers = _worker()
+        worker, _ = _worker()
         readers = self.world * max(1, self.cfg.num_workers)
         reader = self.rank * max(1, self.cfg.num_workers) + worker
         stats = SkipStats()

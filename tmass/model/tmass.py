@@ -46,11 +46,14 @@ class TMASS(nn.Module):
         return frame_features(self.clip, video)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, video: torch.Tensor,
-                eps: torch.Tensor, offset: int = 0, gather: Gather | None = None) -> dict[str, torch.Tensor]:
-        """The training loss of this process's pairs; `eps` [B, D] is the noise of the whole (global) batch."""
+                eps: torch.Tensor, offset: int = 0, gather: Gather | None = None,
+                video_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The training loss of this process's pairs; `eps` [B, D] is the noise of the whole (global) batch;
+        `video_ids` [B] enables multi-positive pairs."""
         t, f = self.encode_text(input_ids, attention_mask), self.encode_frames(video)
         return tmass_loss(self.pool_frames, self.radius, self.logit_scale, t, f, eps, offset=offset, gather=gather,
-                          support_weight=self.cfg.support_loss_weight, support_center=self.cfg.support_center)
+                          support_weight=self.cfg.support_loss_weight, support_center=self.cfg.support_center,
+                          video_ids=video_ids)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
