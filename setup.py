@@ -24,6 +24,7 @@ setup(
         "tensorboard>=2.14",
         "tqdm>=4.60",
         "av>=12.0",
+        "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["tmass-build-shards=tmass.shards.cli:main"]},

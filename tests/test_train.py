@@ -82,6 +82,10 @@ def test_deepspeed_launcher_two_ranks_learns_and_checkpoints(synthetic_shards, t
     assert (run / "checkpoints" / "latest").read_text() == "step60"
     assert json.loads((run / "config.json").read_text())["model"]["clip_arch"] == "tiny"
     assert json.loads((run / "best.json").read_text())["step"] % 3 == 0  # validated at every epoch end
+    from tmass.logs import plot_curves
+
+    png = plot_curves([str(run)], str(tmp_path / "curves.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
 
 
 @pytest.mark.parametrize("config", ["cpu_fp32.json", "cpu_bf16.json", "zero1_bf16.json", "zero2_bf16.json",
@@ -169,3 +173,16 @@ def test_torchrun_and_multi_positive(synthetic_shards, tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["step"] == 3 and (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step3"
+
+
+def test_xpool_baseline_trains_without_the_text_mass(synthetic_shards, tmp_path):
+    """--deterministic_text: no noise in training, the radius frozen, and evaluation scores with t alone."""
+    from tmass.config import parse_config
+    from tmass.train import load_training_checkpoint, train
+
+    cfg = parse_config(train_args(synthetic_shards, tmp_path, "--deterministic_text", steps=2))
+    assert cfg.model.deterministic_text and cfg.eval.deterministic_text
+    train(cfg)
+    model = load_training_checkpoint(str(tmp_path / "run"), "step2")
+    assert torch.equal(model.radius.linear_proj.weight[:4, :4], torch.eye(4))  # untouched identity init
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["results"]["trials"] == 0

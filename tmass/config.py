@@ -42,6 +42,7 @@ class ModelConfig:
     support_loss_weight: float = 0.0  # lambda_sup (MSR-VTT: 0.8)
     support_center: str = "upstream"  # upstream: v-bar = mean over the batch's texts; paper: the pair's own v
     grad_checkpointing: bool = False  # activation checkpointing of both CLIP towers
+    deterministic_text: bool = False  # the X-Pool baseline: train and score with t alone (no text mass)
 
     def __post_init__(self) -> None:
         _check([(self.clip_arch in CLIP_ARCHS, f"--clip_arch must be one of {', '.join(CLIP_ARCHS)}, not {self.clip_arch!r}"),
@@ -163,7 +164,7 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "train": TrainConfig}
 ALIASES = {"stochasic_trials": "stochastic_trials", "DSL": "dsl", "num_frame": "num_frames"}
-SHARED = {"num_frames": ("model", "data")}  # one flag, several sections
+SHARED = {"num_frames": ("model", "data"), "deterministic_text": ("model", "eval")}  # one flag, several sections
 
 # Per-dataset values of the upstream README (method notes c.2).
 PRESETS: dict[str, dict[str, typing.Any]] = {
@@ -210,7 +211,7 @@ def _type_of(f: dataclasses.Field):
 
 
 _owner = {f.name: sec for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-_owner["num_frames"] = "model"
+_owner.update(num_frames="model", deterministic_text="model")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:

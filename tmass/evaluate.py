@@ -259,6 +259,7 @@ def run(cfg) -> dict:
     info = dist.init()
     model = load_model(cfg.model, cfg.eval.checkpoint).to(info.device)
     cfg.check_model(model.cfg, cfg.eval.checkpoint or "the random model")
+    cfg.eval.deterministic_text |= model.cfg.deterministic_text  # a baseline trained without the mass
     cfg.data.num_frames = model.cfg.num_frames
     own = os.path.join(cfg.eval.checkpoint or "", "tokenizer")  # an exported dir or a run dir carries its own
     tok = load_tokenizer(cfg.eval.tokenizer or (own if cfg.eval.checkpoint and os.path.isdir(own) else

@@ -28,6 +28,8 @@ class TMASS(nn.Module):
         self.radius = SimilarityRadius(cfg.num_frames, dim)
         if cfg.grad_checkpointing:
             enable_grad_checkpointing(self.clip)
+        if cfg.deterministic_text:  # X-Pool: no text mass, so the radius has nothing to learn
+            self.radius.requires_grad_(False)
 
     @property
     def dim(self) -> int:
