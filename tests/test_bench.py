@@ -48,3 +48,16 @@ def test_bench_eval_runs_small(tmp_path):
     assert [(r["method"], r["world"]) for r in rows] == [("upstream", 1), ("tmass", 1), ("tmass", 2),
                                                          ("tmass", 1), ("tmass", 2)]
     assert "vs (a)" in p.stdout
+
+
+def test_bench_gpu_train_runs_on_cpu_tiny(tmp_path):
+    out = tmp_path / "g.json"
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu_train.py"), "--cpu", "--tiny", "--steps", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert [(t["zero"], t["checkpointing"]) for t in r["train"]] == [(1, False), (1, True), (2, False), (2, True)]
+    assert all(t["flops_per_step"] > 0 and t["clips_per_s"] > 0 for t in r["train"])
+    assert r["upstream"]["clips_per_s"] > 0 and r["eval"]["n"] == 100 and r["loader"]["clips_per_s"] > 0
+    assert "GFLOP, counted from the shapes" in p.stdout

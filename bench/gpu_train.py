@@ -1,0 +1,264 @@
+"""GPU benchmark: one prepared script, under 10 minutes on one GPU (`python bench/gpu_train.py`).
+
+1. Training-step throughput (clips/s) and model FLOP utilisation of T-MASS, ViT-B/16, 12 frames, 224x224, bf16,
+   random weights and in-memory data, through the DeepSpeed engine as tmass trains (ZeRO-1 and ZeRO-2, with and
+   without activation checkpointing), at the largest per-GPU batch of 8/16/32/64 that fits. FLOPs are counted
+   from the model's shapes (printed). The same model trained as upstream trains it (fp32, plain PyTorch AdamW,
+   batch 32, no ZeRO) gives the baseline ratio.
+2. The sharded evaluation of 1k x 1k with 20 trials (time, peak GPU memory).
+3. The data pipeline on this machine's CPU cores, from local shards it builds: clips/s against the step's
+   clips/s, i.e. whether the GPU would wait.
+Writes a JSON (--json) and prints a table. Without a GPU: `python bench/gpu_train.py --cpu --tiny` runs the same
+code paths on a tiny model (the tests do).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+import torch  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+
+
+def tower_flops(tokens: int, width: int, layers: int, mlp: int) -> float:
+    """Forward FLOPs of one transformer tower on one sequence: QKV/O projections, attention, MLP."""
+    per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp) + 4 * tokens * tokens * width
+    return layers * per_layer
+
+
+def step_flops(model, batch: int, frames: int, text_len: int) -> float:
+    """Forward + backward FLOPs (3 x forward) of one training step of one rank at this batch."""
+    v, t = model.clip.config.vision_config, model.clip.config.text_config
+    patches = (v.image_size // v.patch_size) ** 2
+    vision = tower_flops(patches + 1, v.hidden_size, v.num_hidden_layers, v.intermediate_size)
+    vision += 2 * patches * 3 * v.patch_size ** 2 * v.hidden_size  # patch embedding
+    text = tower_flops(text_len, t.hidden_size, t.num_hidden_layers, t.intermediate_size)
+    d = model.dim
+    head = 2 * batch * batch * (2 * frames * d + 2 * d * d) + 2 * batch * frames * 3 * d * d  # pooling, both passes
+    return 3 * (batch * frames * vision + batch * text + head)
+
+
+def make_batch(model, batch: int, frames: int, device, text_len: int = 32):
+    res = model.clip.config.vision_config.image_size
+    ids = torch.randint(0, model.clip.config.text_config.vocab_size - 2, (batch, text_len), device=device)
+    ids[:, -1] = model.clip.config.text_config.eos_token_id
+    video = torch.randn(batch, frames, 3, res, res, device=device)
+    eps = torch.rand(batch, model.dim, device=device)
+    return ids, torch.ones_like(ids), video, eps
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step, device, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - t) / steps
+
+
+def new_model(arch: str, frames: int, ckpt: bool):
+    from tmass.config import ModelConfig
+    from tmass.model.tmass import TMASS
+
+    torch.manual_seed(0)
+    return TMASS(ModelConfig(clip_arch=arch, num_frames=frames, grad_checkpointing=ckpt, transformer_dropout=0.3))
+
+
+def deepspeed_run(arch, frames, batch, stage, ckpt, precision, device, warmup, steps) -> dict:
+    import deepspeed
+
+    model = new_model(arch, frames, ckpt)
+    ds = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+          "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
+          "bf16": {"enabled": precision == "bf16"}}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-6, weight_decay=0.2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    ids, mask, video, eps = make_batch(engine.module, batch, frames, device)
+    video = video.to(next(engine.module.parameters()).dtype)
+
+    def step():
+        out = engine(ids, mask, video, eps)
+        engine.backward(out["loss"])
+        engine.step()
+
+    try:
+        dt = time_steps(step, device, warmup, steps)
+        flops = step_flops(engine.module, batch, frames, ids.shape[1])
+    finally:
+        del engine, model, opt
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"step_s": dt, "clips_per_s": batch / dt, "flops_per_step": flops, "tflops": flops / dt / 1e12}
+
+
+def upstream_run(arch, frames, batch, device, warmup, steps) -> dict:
+    """fp32, plain PyTorch, no ZeRO: how upstream trains."""
+    model = new_model(arch, frames, False).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-6, weight_decay=0.2)
+    ids, mask, video, eps = make_batch(model, batch, frames, device)
+
+    def step():
+        out = model(ids, mask, video, eps)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    try:
+        dt = time_steps(step, device, warmup, steps)
+    finally:
+        del model, opt
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"step_s": dt, "clips_per_s": batch / dt}
+
+
+def eval_run(n: int, trials: int, device) -> dict:
+    from eval import Head  # bench/eval.py: the pooling and radius of T-MASS without the towers
+
+    from tmass.config import EvalConfig
+    from tmass.evaluate import Encoded, rank_all
+
+    head = Head().to(device)
+    g = torch.Generator().manual_seed(0)
+    enc = Encoded(torch.randn(n, 512, generator=g).to(device), torch.randn(n, 12, 512, generator=g).to(device),
+                  torch.arange(n, device=device), [], {})
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t = time.perf_counter()
+    rank_all(head, enc, EvalConfig(stochastic_trials=trials, eval_chunk=1 << 18 if device.type == "cuda" else 16384),
+             24)
+    sync(device)
+    out = {"n": n, "trials": trials, "seconds": time.perf_counter() - t}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def loader_run(frames: int, res: int, batch: int, workers: int, seconds: float) -> dict:
+    """Clips/s of the training stream on this machine's cores, from shards built here from generated clips."""
+    from build_shards import make_clip
+    from tmass.config import DataConfig
+    from tmass.data.stream import TrainStream, make_loader
+    from tmass.data.tokenizer import build_caption_tokenizer
+    from tmass.shards.build import BuildConfig, build
+    from tmass.shards.sources import SourceOptions
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "v"))
+        names = [f"c{i}.mp4" for i in range(16)]
+        for i, name in enumerate(names):
+            make_clip(os.path.join(tmp, "v", name), i, 640, 360, 30, seconds)
+        with open(os.path.join(tmp, "l.csv"), "w") as f:
+            f.write("video,caption\n" + "".join(f"{n},a red box\n" for n in names))
+        (m,) = build(BuildConfig(source="csv", out=os.path.join(tmp, "s"), splits=["train"], workers=workers,
+                                 max_count=2, progress=False,
+                                 source_opts=SourceOptions(anno=os.path.join(tmp, "l.csv"), videos_dir=os.path.join(tmp, "v"))))
+        urls = [os.path.join(tmp, "s", s["shard"]) for s in m["shards"]]
+        cfg = DataConfig(num_frames=frames, input_res=res, batch_size=batch, num_workers=workers, decode_timeout=0,
+                         shuffle_buffer=32, shuffle_initial=4)
+        tok = build_caption_tokenizer(["a red box"])
+        n_batches = max(2 * workers, 8)
+        loader = make_loader(TrainStream(urls, cfg, tok, n_batches), workers)
+        it = iter(loader)
+        next(it)  # workers started, first batch out
+        t = time.perf_counter()
+        got = sum(b["video"].shape[0] for b in it)
+        return {"workers": workers, "clips_per_s": got / (time.perf_counter() - t)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (no GPU here)")
+    p.add_argument("--tiny", action="store_true", help="the tiny model and small sizes (what the tests run)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: by name)")
+    p.add_argument("--json", default="gpu_train.json")
+    a = p.parse_args()
+    device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
+    os.environ.setdefault("RANK", "0"), os.environ.setdefault("WORLD_SIZE", "1")
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from tmass import dist
+
+    dist.init()
+    arch, frames = ("tiny", 4) if a.tiny else ("ViT-B/16", 12)
+    batches = (2, 4) if a.tiny else (8, 16, 32, 64)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    precision = "bf16"
+    results = {"device": name, "arch": arch, "frames": frames, "peak_tflops": peak, "train": [], "upstream": None}
+    warmup = 1 if a.tiny else 2
+    for stage in (1, 2):
+        for ckpt in (False, True):
+            best = None
+            for b in batches:
+                try:
+                    r = deepspeed_run(arch, frames, b, stage, ckpt, precision, device, warmup, a.steps)
+                except torch.OutOfMemoryError:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    break
+                best = {"zero": stage, "checkpointing": ckpt, "batch": b, **r}
+                if peak:
+                    best["mfu"] = r["tflops"] / peak
+            if best:
+                results["train"].append(best)
+                print(f"  ZeRO-{stage} ckpt={ckpt}: batch {best['batch']}, {best['clips_per_s']:.1f} clips/s",
+                      file=sys.stderr)
+    up_batch = 2 if a.tiny else 32
+    try:
+        results["upstream"] = {"batch": up_batch, **upstream_run(arch, frames, up_batch, device, warmup, a.steps)}
+    except torch.OutOfMemoryError:
+        results["upstream"] = {"batch": up_batch, "error": "out of memory"}
+    results["eval"] = eval_run(100 if a.tiny else 1000, 4 if a.tiny else 20, device)
+    workers = 1 if a.tiny else max(1, (os.cpu_count() or 2) - 2)
+    results["loader"] = loader_run(frames, 32 if a.tiny else 224, 4 if a.tiny else 32, workers, 1.0 if a.tiny else 10.0)
+
+    print(f"\nT-MASS {arch}, {frames} frames, {precision}, on {name}")
+    if results["train"]:
+        f0 = results["train"][0]["flops_per_step"] / results["train"][0]["batch"]
+        print(f"model FLOPs per clip (forward + backward): {f0 / 1e9:.3f} GFLOP, counted from the shapes")
+    print(f"{'ZeRO':>4} {'ckpt':>5} {'batch':>5} {'clips/s':>8} {'TFLOP/s':>8} {'MFU':>6}")
+    for r in results["train"]:
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        print(f"{r['zero']:>4} {str(r['checkpointing']):>5} {r['batch']:>5} {r['clips_per_s']:>8.2f} "
+              f"{r['tflops']:>8.2f} {mfu:>6}")
+    up = results["upstream"]
+    if up and "clips_per_s" in up and results["train"]:
+        best = max(results["train"], key=lambda r: r["clips_per_s"])
+        print(f"upstream-style fp32 plain PyTorch, batch {up['batch']}: {up['clips_per_s']:.2f} clips/s; "
+              f"best tmass setting is {best['clips_per_s'] / up['clips_per_s']:.2f}x")
+    e = results["eval"]
+    print(f"evaluation {e['n']} x {e['n']}, {e['trials']} trials: {e['seconds']:.2f} s"
+          + (f", peak GPU memory {e['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in e else ""))
+    best_rate = max((r["clips_per_s"] for r in results["train"]), default=0)
+    lr = results["loader"]
+    print(f"data pipeline, {lr['workers']} workers: {lr['clips_per_s']:.1f} clips/s vs the step's {best_rate:.1f}: "
+          f"{'the GPU waits' if lr['clips_per_s'] < best_rate else 'the GPU does not wait'}")
+    with open(a.json, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    main()
