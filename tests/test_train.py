@@ -186,3 +186,25 @@ def test_xpool_baseline_trains_without_the_text_mass(synthetic_shards, tmp_path)
     model = load_training_checkpoint(str(tmp_path / "run"), "step2")
     assert torch.equal(model.radius.linear_proj.weight[:4, :4], torch.eye(4))  # untouched identity init
     assert json.loads((tmp_path / "run" / "best.json").read_text())["results"]["trials"] == 0
+
+
+def test_param_groups_two_learning_rates_and_optional_no_decay():
+    from tmass.config import parse_config
+    from tmass.model.tmass import TMASS
+    from tmass.train import param_groups
+
+    model = TMASS(parse_config(["--clip_arch", "tiny"]).model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for flags, expected in (([], {"clip", "noclip"}),
+                            (["--no_decay_norm_bias"], {"clip", "noclip", "clip_no_decay", "noclip_no_decay"})):
+        cfg = parse_config(["--clip_arch", "tiny", "--clip_lr", "2e-6", "--noclip_lr", "3e-5", *flags])
+        groups = param_groups(model, cfg)
+        assert {g["name"] for g in groups} == expected
+        for g in groups:
+            assert g["lr"] == (2e-6 if g["name"].startswith("clip") else 3e-5)
+            assert all(names[id(p)].startswith("clip.") == g["name"].startswith("clip") for p in g["params"])
+            no_decay = g["name"].endswith("no_decay")
+            assert g["weight_decay"] == (0.0 if no_decay else 0.2)
+            if no_decay:
+                assert all(p.dim() < 2 or "norm" in names[id(p)] or "logit_scale" in names[id(p)] for p in g["params"])
+        assert sum(len(g["params"]) for g in groups) == len(names)
