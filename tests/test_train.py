@@ -45,11 +45,27 @@ def train_args(shards, out, *extra, config="cpu_fp32.json", steps=6):
             "--num_workers", "1", "--log_step", "1", "--stochastic_trials", "3", *extra]
 
 
-def launch(args, world=2, **kw):
+class Launched(subprocess.Popen):
+    """A `deepspeed` launcher process whose output goes to a file (a pipe could fill up and block it)."""
+
+    def output(self) -> str:
+        return open(self.log_path).read()
+
+    def communicate(self, timeout=None):
+        self.wait(timeout=timeout)
+        return self.output(), None
+
+
+def launch(args, world=2):
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(world), "--master_port",
            str(free_port()), os.path.join(REPO, "launch", "train.py"), *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+    out_dir = args[args.index("--output_dir") + 1]
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, f"launcher-{time.time_ns()}.log")
+    p = Launched(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu"), stdout=open(log_path, "w"),
+                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p.log_path = log_path
+    return p
 
 
 def scalars(run):
@@ -143,7 +159,7 @@ def test_sigkill_after_a_checkpoint_then_relaunch_is_exact(synthetic_shards, tmp
                                   "--num_epochs", "4",
                                   steps=16)
     full = launch(args(tmp_path / "a"))
-    assert full.wait(timeout=600) == 0, full.stdout.read()[-3000:]
+    assert full.wait(timeout=600) == 0, full.output()[-3000:]
     killed = launch(args(tmp_path / "b"))
     latest = tmp_path / "b" / "run" / "checkpoints" / "latest"
     t = time.time()
@@ -153,7 +169,7 @@ def test_sigkill_after_a_checkpoint_then_relaunch_is_exact(synthetic_shards, tmp
     killed.wait()
     assert int(latest.read_text()[4:]) < 16, "the run ended before it could be killed"
     again = launch(args(tmp_path / "b"))
-    assert again.wait(timeout=600) == 0, again.stdout.read()[-3000:]
+    assert again.wait(timeout=600) == 0, again.output()[-3000:]
     state_a, steps_a = _final(tmp_path / "a" / "run", tmp_path)
     state_b, steps_b = _final(tmp_path / "b" / "run", tmp_path)
     assert steps_a == steps_b and len(steps_a) == 32  # every step's samples, none repeated or skipped
@@ -208,3 +224,26 @@ def test_param_groups_two_learning_rates_and_optional_no_decay():
             if no_decay:
                 assert all(p.dim() < 2 or "norm" in names[id(p)] or "logit_scale" in names[id(p)] for p in g["params"])
         assert sum(len(g["params"]) for g in groups) == len(names)
+
+
+def test_sigusr1_makes_every_rank_checkpoint_and_exit_then_resume(synthetic_shards, tmp_path):
+    """What slurm/train.sbatch does on preemption: USR1 to the ranks on this node -> every rank saves at the end
+    of its step and exits 0; the relaunch resumes from there and finishes."""
+    args = train_args(synthetic_shards, tmp_path, "--save_every_steps", "1000", "--num_epochs", "20",
+                      "--val_shards", "", steps=60)
+    p = launch(args)
+    run = tmp_path / "run"
+    t = time.time()
+    while not (run / "train.log").exists() or "step 3 " not in (run / "train.log").read_text():
+        assert time.time() - t < 300 and p.poll() is None, "training did not start"
+        time.sleep(0.1)
+    subprocess.run(["pkill", "-USR1", "-f", f"launch/train.py --local_rank.*{tmp_path}"], check=True)
+    output, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, output[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "signal" and 3 <= summary["step"] < 60
+    assert (run / "checkpoints" / "latest").read_text() == f"step{summary['step']}"
+    again = launch(args)
+    assert again.wait(timeout=600) == 0, again.output()[-3000:]
+    assert json.loads((run / "summary.json").read_text())["step"] == 60
+    assert f"resumed from {run / 'checkpoints'} at step {summary['step']}" in (run / "train.log").read_text()

@@ -302,8 +302,6 @@ def train(cfg: Config) -> dict:
         step, epoch, best = client["step"], client["epoch"], client["best"]
         position = StreamPosition.from_state_dict(client["positions"][rank])
         _set_rng_state(client["rng"][rank])
-        if rank == 0:
-            log.warning(f"resumed from {ckpt_dir} at step {step} (epoch {epoch})")
 
     tb = None
     if rank == 0:
@@ -312,6 +310,8 @@ def train(cfg: Config) -> dict:
         tb = SummaryWriter(os.path.join(out, "tb"), purge_step=step + 1 if step else None)
         tb.add_text("config", "```\n" + cfg.to_json() + "\n```", step)
     logfile = open(os.path.join(out, "train.log"), "a") if rank == 0 else None
+    if step:
+        _log(logfile, f"resumed from {ckpt_dir} at step {step} (epoch {epoch})")
 
     def client_state() -> dict:
         return {"step": step, "epoch": epoch, "best": best, "world": world, "config": cfg.to_dict(),
