@@ -1,7 +1,6 @@
 """The sharded evaluation against independent references: a float64 triple loop for the scores, hand-made
 ranks for the metrics, and a second world size and chunk size for the sharding."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -104,8 +103,6 @@ def test_metrics_against_hand_made_ranks_with_ties_and_several_captions():
 def test_upstream_protocol_shows_the_leak_and_refuses_multi_caption_sets():
     """With one caption per video: a pooling that depends on the text gives other metrics under the leaky
     protocol; a pooling that ignores the text (uniform attention) gives the same ones."""
-    from tmass.evaluate import evaluate  # noqa: F401  (the protocol switch lives there)
-
     g = torch.Generator().manual_seed(3)
     n = 12
     enc = Encoded(torch.randn(n, D, generator=g), torch.randn(n, F, D, generator=g), torch.arange(n),

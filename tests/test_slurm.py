@@ -5,7 +5,6 @@ import signal
 import subprocess
 import time
 
-import pytest
 
 from conftest import REPO
 from tmass.dist import env_from_slurm, first_host

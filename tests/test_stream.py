@@ -1,7 +1,6 @@
 """The streaming pipeline: exactly-once evaluation, equal batch counts, frame sampling, transforms, bad
 and hanging inputs, and exact resume."""
 import glob
-import io
 import json
 import os
 import random

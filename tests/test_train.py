@@ -124,7 +124,6 @@ def test_every_cpu_capable_config_starts_and_steps(synthetic_shards, tmp_path, c
 ])
 def test_wrong_flags_fail_before_any_process_group(synthetic_shards, tmp_path, extra, message):
     env = dict(os.environ, WORLD_SIZE="4", DS_ACCELERATOR="cpu")
-    t = time.time()
     p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"),
                         *train_args(synthetic_shards, tmp_path), *extra], capture_output=True, text=True, env=env,
                        timeout=120, cwd=REPO)

@@ -109,9 +109,18 @@ def per_pair_cosines(t: torch.Tensor, radius: torch.Tensor, p_hat: torch.Tensor,
     return (base[..., None] + a.view(ct, cv, m)) / norm2.clamp_min(1e-12).sqrt()
 
 
+def text_trial_noise(text_ids: torch.Tensor, cfg: EvalConfig, seed: int, prior: str, std: float, dim: int,
+                     device) -> torch.Tensor:
+    """per_text noise eps_{j,m} [c_t, M, D]: drawn once per block of texts, reused for every video chunk."""
+    return torch.stack([keyed_noise((seed, "text", int(j)), cfg.stochastic_trials, dim, prior, std)
+                        for j in text_ids]).to(device)
+
+
 def chunk_scores(model, t: torch.Tensor, f: torch.Tensor, text_ids: torch.Tensor, first_video: int,
-                 cfg: EvalConfig, seed: int, own_hat: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores [c_t, c_v] of texts t (global ids text_ids) against videos f (global ids first_video, ...)."""
+                 cfg: EvalConfig, seed: int, own_hat: torch.Tensor | None = None,
+                 text_noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [c_t, c_v] of texts t (global ids text_ids) against videos f (global ids first_video, ...).
+    `text_noise` is the block's per_text noise when the caller already drew it."""
     pdtype = next(model.pool_frames.parameters()).dtype
     pooled = model.pool_frames(t.to(pdtype), f.to(pdtype)).float().transpose(0, 1)  # [c_t, c_v, D]
     p_hat = F.normalize(pooled, dim=-1)
@@ -122,7 +131,8 @@ def chunk_scores(model, t: torch.Tensor, f: torch.Tensor, text_ids: torch.Tensor
     m, dim, prior, std = cfg.stochastic_trials, t.shape[1], model.cfg.stochastic_prior, model.cfg.stochastic_prior_std
     c_v = f.shape[0]
     if cfg.trial_noise == "per_text":
-        eps = torch.stack([keyed_noise((seed, "text", int(j)), m, dim, prior, std) for j in text_ids]).to(t.device)
+        eps = text_noise if text_noise is not None else text_trial_noise(text_ids, cfg, seed, prior, std, dim,
+                                                                         t.device)
         cos = per_text_cosines(t, radius, p_hat, eps)  # [c_t, c_v, M]
     else:
         eps = torch.empty(len(text_ids), c_v * m, dim)
@@ -158,9 +168,14 @@ def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: i
     for a in range(0, len(rows), c_t):
         ids = rows[a:a + c_t]
         t = enc.text[ids]
+        noise = None
+        if cfg.trial_noise == "per_text" and not cfg.deterministic_text:
+            noise = text_trial_noise(ids, cfg, seed, model.cfg.stochastic_prior, model.cfg.stochastic_prior_std,
+                                     t.shape[1], t.device)
         for v in range(0, n_v, c_v):
             own = own_hat[v:v + c_v] if own_hat is not None else None
-            out[a:a + len(ids), v:v + c_v] = chunk_scores(model, t, enc.frames[v:v + c_v], ids, v, cfg, seed, own)
+            out[a:a + len(ids), v:v + c_v] = chunk_scores(model, t, enc.frames[v:v + c_v], ids, v, cfg, seed, own,
+                                                          noise)
     return out
 
 
