@@ -72,22 +72,26 @@ def time_steps(step, device, warmup: int, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def new_model(arch: str, frames: int, ckpt: bool):
+def new_model(arch: str, frames: int, ckpt: bool, compile: bool = False):
     from tmass.config import ModelConfig
     from tmass.model.tmass import TMASS
 
     torch.manual_seed(0)
-    return TMASS(ModelConfig(clip_arch=arch, num_frames=frames, grad_checkpointing=ckpt, transformer_dropout=0.3))
+    return TMASS(ModelConfig(clip_arch=arch, num_frames=frames, grad_checkpointing=ckpt, transformer_dropout=0.3,
+                             compile=compile))
 
 
-def deepspeed_run(arch, frames, batch, stage, ckpt, precision, device, warmup, steps) -> dict:
+def deepspeed_run(arch, frames, batch, stage, ckpt, precision, device, warmup, steps, compile=False) -> dict:
     import deepspeed
 
-    model = new_model(arch, frames, ckpt)
+    from tmass.config import Config
+    from tmass.train import param_groups
+
+    model = new_model(arch, frames, ckpt, compile)
     ds = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
           "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
           "bf16": {"enabled": precision == "bf16"}}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-6, weight_decay=0.2)
+    opt = torch.optim.AdamW(param_groups(model, Config()), eps=1e-6)  # the groups (and their order) of training
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     ids, mask, video, eps = make_batch(engine.module, batch, frames, device)
     video = video.to(next(engine.module.parameters()).dtype)
@@ -154,36 +158,47 @@ def eval_run(n: int, trials: int, device) -> dict:
     return out
 
 
-def loader_run(frames: int, res: int, batch: int, workers: int, seconds: float) -> dict:
-    """Clips/s of the training stream on this machine's cores, from shards built here from generated clips."""
-    from build_shards import make_clip
+def loader_shards(out: str, frames: int, workers: int, seconds: float) -> list[str]:
+    """Shards of 32 generated 640x360 30 fps clips, built into `out` unless they are there already (the GPU machine
+    gets them built on another machine, as a cluster gets them on shared storage)."""
+    manifest = os.path.join(out, "s", "train.json")
+    if not os.path.exists(manifest):
+        from build_shards import make_clip
+        from tmass.shards.build import BuildConfig, build
+        from tmass.shards.sources import SourceOptions
+
+        os.makedirs(os.path.join(out, "v"), exist_ok=True)
+        names = [f"c{i}.mp4" for i in range(32)]
+        for i, name in enumerate(names):
+            make_clip(os.path.join(out, "v", name), i, 640, 360, 30, seconds)
+        with open(os.path.join(out, "l.csv"), "w") as f:
+            f.write("video,caption\n" + "".join(f"{n},a red box\n" for n in names))
+        build(BuildConfig(source="csv", out=os.path.join(out, "s"), splits=["train"], workers=workers, max_count=2,
+                          progress=False,
+                          source_opts=SourceOptions(anno=os.path.join(out, "l.csv"), videos_dir=os.path.join(out, "v"))))
+    with open(manifest) as f:
+        return [os.path.join(out, "s", s["shard"]) for s in json.load(f)["shards"]]
+
+
+def loader_run(urls: list[str], frames: int, res: int, batch: int, workers: int) -> dict:
+    """Clips/s of the training stream on this machine's cores, from local shards."""
     from tmass.config import DataConfig
     from tmass.data.stream import TrainStream, make_loader
     from tmass.data.tokenizer import build_caption_tokenizer
-    from tmass.shards.build import BuildConfig, build
-    from tmass.shards.sources import SourceOptions
 
-    with tempfile.TemporaryDirectory() as tmp:
-        os.makedirs(os.path.join(tmp, "v"))
-        names = [f"c{i}.mp4" for i in range(16)]
-        for i, name in enumerate(names):
-            make_clip(os.path.join(tmp, "v", name), i, 640, 360, 30, seconds)
-        with open(os.path.join(tmp, "l.csv"), "w") as f:
-            f.write("video,caption\n" + "".join(f"{n},a red box\n" for n in names))
-        (m,) = build(BuildConfig(source="csv", out=os.path.join(tmp, "s"), splits=["train"], workers=workers,
-                                 max_count=2, progress=False,
-                                 source_opts=SourceOptions(anno=os.path.join(tmp, "l.csv"), videos_dir=os.path.join(tmp, "v"))))
-        urls = [os.path.join(tmp, "s", s["shard"]) for s in m["shards"]]
-        cfg = DataConfig(num_frames=frames, input_res=res, batch_size=batch, num_workers=workers, decode_timeout=0,
-                         shuffle_buffer=32, shuffle_initial=4)
-        tok = build_caption_tokenizer(["a red box"])
-        n_batches = max(2 * workers, 8)
-        loader = make_loader(TrainStream(urls, cfg, tok, n_batches), workers)
-        it = iter(loader)
-        next(it)  # workers started, first batch out
-        t = time.perf_counter()
-        got = sum(b["video"].shape[0] for b in it)
-        return {"workers": workers, "clips_per_s": got / (time.perf_counter() - t)}
+    cfg = DataConfig(num_frames=frames, input_res=res, batch_size=batch, num_workers=workers, decode_timeout=0,
+                     shuffle_buffer=32, shuffle_initial=4)
+    tok = build_caption_tokenizer(["a red box"])
+    n_batches = max(4 * workers, 8)
+    loader = make_loader(TrainStream(urls, cfg, tok, n_batches), workers)
+    it = iter(loader)
+    next(it)  # workers started, first batch out
+    t = time.perf_counter()
+    got = sum(b["video"].shape[0] for b in it)
+    return {"workers": workers, "batch": batch, "clips_per_s": got / (time.perf_counter() - t)}
+
+
+PARTS = ("eval", "train", "upstream", "loader")  # in the order they run
 
 
 def main() -> None:
@@ -191,9 +206,17 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true", help="run on the CPU (no GPU here)")
     p.add_argument("--tiny", action="store_true", help="the tiny model and small sizes (what the tests run)")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--batches", default=None, help="per-GPU batches to try, ascending (default 8,16,32,64)")
+    p.add_argument("--loader_shards", default=None,
+                   help="folder of the loader's shards, built there if absent (default: a temporary folder)")
+    p.add_argument("--no_compile", action="store_true", help="skip the runs with --compile (torch.compile per layer)")
     p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: by name)")
     p.add_argument("--json", default="gpu_train.json")
     a = p.parse_args()
+    parts = a.parts.split(",")
+    if bad := [x for x in parts if x not in PARTS]:
+        p.error(f"unknown --parts {bad}; choose from {','.join(PARTS)}")
     device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
     os.environ.setdefault("RANK", "0"), os.environ.setdefault("WORLD_SIZE", "1")
     if device.type == "cpu":
@@ -202,61 +225,99 @@ def main() -> None:
 
     dist.init()
     arch, frames = ("tiny", 4) if a.tiny else ("ViT-B/16", 12)
-    batches = (2, 4) if a.tiny else (8, 16, 32, 64)
+    batches = [int(b) for b in a.batches.split(",")] if a.batches else [2, 4] if a.tiny else [8, 16, 32, 64]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     precision = "bf16"
-    results = {"device": name, "arch": arch, "frames": frames, "peak_tflops": peak, "train": [], "upstream": None}
+    results = {"device": name, "torch": torch.__version__, "arch": arch, "frames": frames, "peak_tflops": peak,
+               "train": [], "upstream": None}
     warmup = 1 if a.tiny else 2
-    for stage in (1, 2):
-        for ckpt in (False, True):
+    t_start = time.perf_counter()
+
+    def save(part: str) -> None:  # after every part, so that a run cut short keeps what it measured
+        print(f"[{time.perf_counter() - t_start:6.1f} s] {part} done", file=sys.stderr, flush=True)
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+    if "eval" in parts:
+        results["eval"] = eval_run(100 if a.tiny else 1000, 4 if a.tiny else 20, device)
+        save("eval")
+    if "train" in parts:
+        # (ZeRO stage, activation checkpointing, --compile); compiled runs start at the largest batch that fitted
+        settings = [(1, False, False), (1, True, False), (2, False, False), (2, True, False)]
+        if not a.no_compile:
+            settings += [(2, False, True), (2, True, True)]
+        fitted = {}
+        for stage, ckpt, comp in settings:
             best = None
-            for b in batches:
+            for b in batches[batches.index(fitted[ckpt]):] if comp and ckpt in fitted else batches:
+                oom = False
                 try:
-                    r = deepspeed_run(arch, frames, b, stage, ckpt, precision, device, warmup, a.steps)
+                    r = deepspeed_run(arch, frames, b, stage, ckpt, precision, device, warmup, a.steps, comp)
                 except torch.OutOfMemoryError:
+                    oom = True  # handled outside the except block, once its frames (and tensors) are gone
+                if oom:
                     gc.collect()
                     torch.cuda.empty_cache()
                     break
-                best = {"zero": stage, "checkpointing": ckpt, "batch": b, **r}
+                best = {"zero": stage, "checkpointing": ckpt, "compile": comp, "batch": b, **r}
                 if peak:
                     best["mfu"] = r["tflops"] / peak
+                print(f"  ZeRO-{stage} ckpt={ckpt} compile={comp} batch {b}: {r['clips_per_s']:.1f} clips/s, "
+                      f"{r['tflops']:.1f} TFLOP/s", file=sys.stderr, flush=True)
             if best:
                 results["train"].append(best)
-                print(f"  ZeRO-{stage} ckpt={ckpt}: batch {best['batch']}, {best['clips_per_s']:.1f} clips/s",
-                      file=sys.stderr)
-    up_batch = 2 if a.tiny else 32
-    try:
-        results["upstream"] = {"batch": up_batch, **upstream_run(arch, frames, up_batch, device, warmup, a.steps)}
-    except torch.OutOfMemoryError:
-        results["upstream"] = {"batch": up_batch, "error": "out of memory"}
-    results["eval"] = eval_run(100 if a.tiny else 1000, 4 if a.tiny else 20, device)
-    workers = 1 if a.tiny else max(1, (os.cpu_count() or 2) - 2)
-    results["loader"] = loader_run(frames, 32 if a.tiny else 224, 4 if a.tiny else 32, workers, 1.0 if a.tiny else 10.0)
+                fitted.setdefault(ckpt, best["batch"])
+        save("train")
+    if "upstream" in parts:
+        up_batch = 2 if a.tiny else 32
+        oom = False
+        try:
+            results["upstream"] = {"batch": up_batch, **upstream_run(arch, frames, up_batch, device, warmup, a.steps)}
+        except torch.OutOfMemoryError:
+            oom = True
+        if oom:
+            results["upstream"] = {"batch": up_batch, "error": "out of memory"}
+            gc.collect()
+            torch.cuda.empty_cache()
+        save("upstream")
+    if "loader" in parts:
+        workers = 1 if a.tiny else max(1, (os.cpu_count() or 2) - 2)
+        res, batch, seconds = (32, 4, 1.0) if a.tiny else (224, 32, 10.0)
+        with tempfile.TemporaryDirectory() as tmp:
+            urls = loader_shards(a.loader_shards or tmp, frames, workers, seconds)
+            results["loader"] = loader_run(urls, frames, res, batch, workers)
+        save("loader")
 
-    print(f"\nT-MASS {arch}, {frames} frames, {precision}, on {name}")
+    print(f"\nT-MASS {arch}, {frames} frames, {precision}, on {name} (torch {torch.__version__})")
     if results["train"]:
         f0 = results["train"][0]["flops_per_step"] / results["train"][0]["batch"]
         print(f"model FLOPs per clip (forward + backward): {f0 / 1e9:.3f} GFLOP, counted from the shapes")
-    print(f"{'ZeRO':>4} {'ckpt':>5} {'batch':>5} {'clips/s':>8} {'TFLOP/s':>8} {'MFU':>6}")
+        print(f"{'ZeRO':>4} {'ckpt':>5} {'compile':>7} {'batch':>5} {'clips/s':>8} {'TFLOP/s':>8} {'MFU':>6}")
     for r in results["train"]:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        print(f"{r['zero']:>4} {str(r['checkpointing']):>5} {r['batch']:>5} {r['clips_per_s']:>8.2f} "
+        print(f"{r['zero']:>4} {str(r['checkpointing']):>5} {str(r['compile']):>7} {r['batch']:>5} {r['clips_per_s']:>8.2f} "
               f"{r['tflops']:>8.2f} {mfu:>6}")
     up = results["upstream"]
-    if up and "clips_per_s" in up and results["train"]:
-        best = max(results["train"], key=lambda r: r["clips_per_s"])
-        print(f"upstream-style fp32 plain PyTorch, batch {up['batch']}: {up['clips_per_s']:.2f} clips/s; "
-              f"best tmass setting is {best['clips_per_s'] / up['clips_per_s']:.2f}x")
-    e = results["eval"]
-    print(f"evaluation {e['n']} x {e['n']}, {e['trials']} trials: {e['seconds']:.2f} s"
-          + (f", peak GPU memory {e['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in e else ""))
-    best_rate = max((r["clips_per_s"] for r in results["train"]), default=0)
-    lr = results["loader"]
-    print(f"data pipeline, {lr['workers']} workers: {lr['clips_per_s']:.1f} clips/s vs the step's {best_rate:.1f}: "
-          f"{'the GPU waits' if lr['clips_per_s'] < best_rate else 'the GPU does not wait'}")
-    with open(a.json, "w") as f:
-        json.dump(results, f, indent=1)
+    if up and "clips_per_s" in up:
+        line = f"upstream-style fp32 plain PyTorch, batch {up['batch']}: {up['clips_per_s']:.2f} clips/s"
+        if results["train"]:
+            best = max(results["train"], key=lambda r: r["clips_per_s"])
+            line += f"; best tmass setting is {best['clips_per_s'] / up['clips_per_s']:.2f}x"
+        print(line)
+    elif up:
+        print(f"upstream-style fp32 plain PyTorch, batch {up['batch']}: {up['error']}")
+    if e := results.get("eval"):
+        print(f"evaluation {e['n']} x {e['n']}, {e['trials']} trials: {e['seconds']:.2f} s"
+              + (f", peak GPU memory {e['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in e else ""))
+    if lr := results.get("loader"):
+        best_rate = max((r["clips_per_s"] for r in results["train"]), default=None)
+        line = f"data pipeline, {lr['workers']} workers: {lr['clips_per_s']:.1f} clips/s"
+        if best_rate:
+            line += (f" vs the step's {best_rate:.1f}: "
+                     f"{'the GPU waits' if lr['clips_per_s'] < best_rate else 'the GPU does not wait'}")
+        print(line)
+    save("all")
 
 
 if __name__ == "__main__":

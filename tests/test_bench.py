@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from conftest import REPO
 
 
@@ -57,7 +60,25 @@ def test_bench_gpu_train_runs_on_cpu_tiny(tmp_path):
                        env=dict(os.environ, DS_ACCELERATOR="cpu"))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert [(t["zero"], t["checkpointing"]) for t in r["train"]] == [(1, False), (1, True), (2, False), (2, True)]
+    assert [(t["zero"], t["checkpointing"], t["compile"]) for t in r["train"]] == [
+        (1, False, False), (1, True, False), (2, False, False), (2, True, False), (2, False, True), (2, True, True)]
     assert all(t["flops_per_step"] > 0 and t["clips_per_s"] > 0 for t in r["train"])
     assert r["upstream"]["clips_per_s"] > 0 and r["eval"]["n"] == 100 and r["loader"]["clips_per_s"] > 0
     assert "GFLOP, counted from the shapes" in p.stdout
+
+
+def test_gpu_bench_flop_count_matches_torch_counter():
+    """The MFU's FLOPs come from the shapes; torch's FlopCounterMode counts the executed matmuls of one forward
+    (eager attention, so that the attention products are visible to it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from gpu_train import make_batch, new_model, step_flops
+
+    for arch, batch in (("tiny", 3), ("small", 2)):
+        model = new_model(arch, 4, False)
+        model.clip.set_attn_implementation("eager")
+        ids, mask, video, eps = make_batch(model, batch, 4, torch.device("cpu"))
+        with FlopCounterMode(display=False) as counter:
+            model(ids, mask, video, eps)
+        assert step_flops(model, batch, 4, ids.shape[1]) / 3 == pytest.approx(counter.get_total_flops(), rel=0.01)

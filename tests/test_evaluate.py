@@ -186,6 +186,10 @@ def test_eval_cli_errors(synthetic_shards, exported, tmp_path):
                         "--test_shards", str(synthetic_shards / "test-000000.tar"), "--num_frames", "6",
                         "--input_res", "32"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode != 0 and "--num_frames 6 (the checkpoint has 4)" in p.stderr
+    p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", str(exported),
+                        "--test_shards", str(synthetic_shards / "test-000000.tar"), "--input_res", "64"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode != 0 and "--input_res 64, but the model's image size is 32" in p.stderr
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

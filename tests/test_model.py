@@ -224,6 +224,27 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-5, atol=1e-7)
 
 
+def test_compiled_layers_match_eager_with_checkpointing():
+    """--compile (torch.compile per encoder layer) keeps the parameter names and gives the eager loss and gradients,
+    also under activation checkpointing; the layers really run compiled."""
+    ids, mask, video = batch()
+    eps = torch.rand(3, 32, generator=torch.Generator().manual_seed(3))
+    eager = tiny_model()
+    compiled = tiny_model(grad_checkpointing=True, compile=True)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())
+    assert all(layer._compiled_call_impl is not None for layer in compiled.clip.vision_model.encoder.layers)
+    results = []
+    for m in (eager, compiled):
+        m.train()
+        out = m(ids, mask, video, eps)
+        out["loss"].backward()
+        results.append((out["loss"].item(), {n: p.grad for n, p in m.named_parameters()}))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for n in results[0][1]:
+        torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-4, atol=1e-6)
+
+
 def test_model_configs_and_wrong_flags():
     assert clip_config("ViT-B/16").vision_config.patch_size == 16
     assert clip_config("ViT-B/32").vision_config.patch_size == 32

@@ -51,9 +51,35 @@ def test_deepspeed_mode_writes_the_hostfile_and_launches_over_it(tmp_path):
     args = (tmp_path / "python.args").read_text().split()
     assert args[:3] == ["-m", "deepspeed.launcher.runner", "--hostfile"] and args[3] == str(hostfile)
     assert args[args.index("--launcher") + 1] == "slurm" and args[args.index("--master_addr") + 1] == "gpu012"
+    assert "--no_ssh_check" in args  # the slurm launcher reaches the nodes through srun
     assert "launch/train.py" in args and args[args.index("--train_shards") + 1] == "/shared/train-{000000..000009}.tar"
     assert not (tmp_path / "scontrol.calls").exists()  # a normal end does not requeue
     assert (tmp_path / "out" / "run" / "logs" / "train-4242-restart0.log").exists()
+
+
+def test_one_node_uses_the_local_launcher_without_a_hostfile(tmp_path):
+    """With a hostfile, DeepSpeed's runner would ssh to the one node it runs on."""
+    b = fake_bin(tmp_path)
+    e = env(tmp_path, b, SLURM_JOB_NODELIST="gpu012", SLURM_JOB_NUM_NODES="1")
+    for script in ("train.sbatch", "eval.sbatch"):
+        e.update(CHECKPOINT=str(tmp_path), TEST_SHARDS="/shared/test-000000.tar")
+        p = subprocess.run(["bash", os.path.join(REPO, "slurm", script)], env=e, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0, p.stderr
+        args = (tmp_path / "python.args").read_text().split()
+        assert args[:4] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "4"] and "--hostfile" not in args
+    assert not list((tmp_path / "out" / "run" / "logs").glob("hostfile-*"))
+
+
+def test_cpu_nodes_need_ranks_per_node(tmp_path):
+    b = fake_bin(tmp_path)
+    p = subprocess.run(["bash", SCRIPT], env=env(tmp_path, b, SLURM_GPUS_ON_NODE="0"), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "set RANKS_PER_NODE" in p.stderr
+    p = subprocess.run(["bash", SCRIPT], env=env(tmp_path, b, SLURM_GPUS_ON_NODE="0", RANKS_PER_NODE="3"),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "run" / "logs" / "hostfile-4242").read_text() == "gpu012 slots=3\ngpu013 slots=3\n"
 
 
 def test_srun_mode_one_task_per_gpu(tmp_path):

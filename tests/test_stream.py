@@ -4,6 +4,8 @@ import glob
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -288,3 +290,17 @@ def test_a_stuck_decoder_does_not_hold_the_process_at_exit():
     t = time.time()
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == "decode timeout" and time.time() - t < 20
+
+
+def test_training_and_evaluation_import_without_the_encoder():
+    """GPU nodes stream shards; they need decord but not PyAV, which only the shard builder uses."""
+    block_av = ("import builtins; real = builtins.__import__\n"
+                "def imp(name, *a, **k):\n"
+                "    if name == 'av' or name.startswith('av.'): raise ImportError('no PyAV here')\n"
+                "    return real(name, *a, **k)\n"
+                "builtins.__import__ = imp\n"
+                "import tmass.data.stream, tmass.evaluate, tmass.train\n"
+                "try:\n    import tmass.shards.transcode\nexcept ImportError:\n    print('blocked')\n")
+    p = subprocess.run([sys.executable, "-c", block_av], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "blocked"  # the blocker works: the builder's encoder does need PyAV

@@ -42,6 +42,7 @@ class ModelConfig:
     support_loss_weight: float = 0.0  # lambda_sup (MSR-VTT: 0.8)
     support_center: str = "upstream"  # upstream: v-bar = mean over the batch's texts; paper: the pair's own v
     grad_checkpointing: bool = False  # activation checkpointing of both CLIP towers
+    compile: bool = False  # torch.compile each CLIP encoder layer in place (ZeRO stages 0-2)
     deterministic_text: bool = False  # the X-Pool baseline: train and score with t alone (no text mass)
 
     def __post_init__(self) -> None:

@@ -276,6 +276,11 @@ def run(cfg) -> dict:
     cfg.check_model(model.cfg, cfg.eval.checkpoint or "the random model")
     cfg.eval.deterministic_text |= model.cfg.deterministic_text  # a baseline trained without the mass
     cfg.data.num_frames = model.cfg.num_frames
+    res = model.clip.config.vision_config.image_size  # the frames must come at the model's resolution
+    if "input_res" in cfg.explicit and cfg.data.input_res != res:
+        raise SystemExit(f"error: --input_res {cfg.data.input_res}, but the model's image size is {res}; "
+                         f"drop --input_res (it is taken from the model)")
+    cfg.data.input_res = res
     own = os.path.join(cfg.eval.checkpoint or "", "tokenizer")  # an exported dir or a run dir carries its own
     tok = load_tokenizer(cfg.eval.tokenizer or (own if cfg.eval.checkpoint and os.path.isdir(own) else
                                                 resolve_tokenizer(None, cfg.model.clip_path, cfg.eval.test_shards)))

@@ -33,7 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
-from ..shards.build import VIDEO_EXTS as VIDEO_KEYS  # the fields a builder may have stored a video under
+from ..shards.format import VIDEO_EXTS as VIDEO_KEYS  # the fields a builder may have stored a video under
 from .tokenizer import tokenize, trim
 from .transforms import eval_transform, train_transform
 from .video import DecodeError, TimedDecoder, decode_frames

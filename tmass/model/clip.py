@@ -84,3 +84,12 @@ def enable_grad_checkpointing(clip: CLIPModel) -> None:
         clip.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def compile_layers(clip: CLIPModel) -> None:
+    """torch.compile every encoder layer of both towers in place, as torchtitan compiles per block: parameter names
+    and the state dict stay as they are, one compiled graph serves all layers of a tower, and activation
+    checkpointing (which wraps each layer's call) composes with it."""
+    for tower in (clip.vision_model, clip.text_model):
+        for layer in tower.encoder.layers:
+            layer.compile()

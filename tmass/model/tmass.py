@@ -13,7 +13,7 @@ from transformers import CLIPModel
 
 from ..config import ModelConfig
 from ..loss import Gather, tmass_loss
-from .clip import build_clip, enable_grad_checkpointing, frame_features, text_features
+from .clip import build_clip, compile_layers, enable_grad_checkpointing, frame_features, text_features
 from .pooling import TextConditionedPool
 from .stochastic import SimilarityRadius
 
@@ -28,6 +28,8 @@ class TMASS(nn.Module):
         self.radius = SimilarityRadius(cfg.num_frames, dim)
         if cfg.grad_checkpointing:
             enable_grad_checkpointing(self.clip)
+        if cfg.compile:
+            compile_layers(self.clip)
         if cfg.deterministic_text:  # X-Pool: no text mass, so the radius has nothing to learn
             self.radius.requires_grad_(False)
 

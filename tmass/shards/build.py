@@ -22,9 +22,8 @@ from tqdm import tqdm
 
 from .sources import SOURCES, SourceOptions, VideoItem
 from .transcode import TranscodeOptions, VideoError, probe, transcode
+from .format import VIDEO_EXTS
 from .writer import SplitWriter
-
-VIDEO_EXTS = ("mp4", "avi", "mkv", "webm", "mov", "mpg", "mpeg", "m4v", "wmv", "3gp", "flv", "mts", "ts")
 
 
 @dataclass
