@@ -10,6 +10,7 @@ Each runs in fresh processes, so the peak RSS is its own (the largest of the ran
 time of the scoring and ranking, features already in memory. Both --trial_noise modes for (b) and (c).
 
     python bench/eval.py                          # N = 1000 (with (a)) and N = 10000 (b and c only)
+    python bench/eval.py --sizes 10000 --noises per_text   # per_pair at 10k draws 10^11 random numbers
     python bench/eval.py --sizes 200 --upstream_max 200 --trials 4 --json r.json   # what the tests run
 """
 from __future__ import annotations
@@ -55,11 +56,24 @@ def features(n: int):
     return torch.randn(n, DIM, generator=g) * 5, torch.randn(n, F_FRAMES, DIM, generator=g) * 5
 
 
+def upstream_pool(pool, t: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Upstream's pooling as upstream computes it: the attended values, W_o and W_l for every (video, text) pair."""
+    import math
+
+    ca = pool.cross_attn
+    q = ca.q_proj(pool.layer_norm1(t))  # [N_t, D]
+    f = pool.layer_norm1(frames)
+    k, u = ca.k_proj(f), ca.v_proj(f)  # [N_v, F, D]
+    attn = (torch.einsum("vfd,td->vtf", k, q) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+    h = pool.layer_norm2(ca.out_proj(torch.einsum("vtf,vfd->vtd", attn, u)))  # [N_v, N_t, D]
+    return pool.layer_norm3(h + pool.linear_proj(h))
+
+
 @torch.no_grad()
 def upstream(head: Head, n: int, trials: int) -> None:
     """Method notes b.1, step by step, on the CPU as upstream runs it."""
     t, frames = features(n)
-    v = head.pool_frames(t, frames)  # step 2: [N_v, N_t, D], every video pooled with every text
+    v = upstream_pool(head.pool_frames, t, frames)  # step 2: [N_v, N_t, D], every video pooled with every text
     v_hat = F.normalize(v, dim=-1)
     chosen = torch.empty(n, n, DIM)  # step 3 stores the chosen texts: the second N_v x N_t x D tensor
     t_rep = F.normalize(t, dim=-1).unsqueeze(1).repeat(1, F_FRAMES, 1)  # upstream repeats t over the frames
@@ -134,7 +148,8 @@ def main() -> None:
     p.add_argument("--sizes", default="1000,10000")
     p.add_argument("--upstream_max", type=int, default=1000, help="run (a) only up to this N")
     p.add_argument("--trials", type=int, default=20)
-    p.add_argument("--chunk", type=int, default=16384)
+    p.add_argument("--chunk", type=int, default=8192, help="--eval_chunk (the default of tmass)")
+    p.add_argument("--noises", default="per_text,per_pair", help="the --trial_noise modes to run for (b) and (c)")
     p.add_argument("--json")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -151,7 +166,7 @@ def main() -> None:
         if n <= a.upstream_max:
             rows.append(measure("upstream", n, a.trials, "per_pair", 1, a.chunk))
             print(f"  (a) N={n}: {rows[-1]['seconds']} s", file=sys.stderr)
-        for noise in ("per_text", "per_pair"):
+        for noise in a.noises.split(","):
             for world in (1, 2):
                 rows.append(measure("tmass", n, a.trials, noise, world, a.chunk))
                 print(f"  tmass N={n} {noise} world {world}: {rows[-1]['seconds']} s", file=sys.stderr)

@@ -10,28 +10,30 @@ import torch
 def ln(x, w, b, eps=1e-5):
     mu = x.mean()
     var = ((x - mu) ** 2).mean()
-    return (x - mu) / math.sqrt(var + eps) * w + b
+    return (x - mu) / torch.sqrt(var + eps) * w + b
 
 
 def lin(x, sd, name):
     return sd[f"{name}.weight"] @ x + sd[f"{name}.bias"]
 
 
-def pool_one(t, frames, sd, p="pool_frames."):
-    """psi(v | t) for one text t [D] and one video's frames [F, D], from the upstream-named weights."""
+def pool_one(t, frames, sd, p="pool_frames.", mask=None):
+    """psi(v | t) for one text t [D] and one video's frames [F, D], from the upstream-named weights; `mask`: the
+    dropout's (already scaled) multiplier on W_l h + b_l in training."""
     g = lambda k: sd[p + k]  # noqa: E731
     tq = ln(t, g("layer_norm1.weight"), g("layer_norm1.bias"))
     q = lin(tq, sd, p + "cross_attn.q_proj")
     logits, vals = [], []
     for f in frames:
         fn = ln(f, g("layer_norm1.weight"), g("layer_norm1.bias"))
-        logits.append(float(lin(fn, sd, p + "cross_attn.k_proj") @ q) / math.sqrt(len(t)))
+        logits.append(lin(fn, sd, p + "cross_attn.k_proj") @ q / math.sqrt(len(t)))
         vals.append(lin(fn, sd, p + "cross_attn.v_proj"))
-    m = max(logits)
-    w = [math.exp(x - m) for x in logits]
+    m = max(float(x.detach()) for x in logits)  # a constant shift: the softmax does not change
+    w = [torch.exp(x - m) for x in logits]
     attn = sum(wi / sum(w) * v for wi, v in zip(w, vals))
     h = ln(lin(attn, sd, p + "cross_attn.out_proj"), g("layer_norm2.weight"), g("layer_norm2.bias"))
-    return ln(h + lin(h, sd, p + "linear_proj"), g("layer_norm3.weight"), g("layer_norm3.bias"))
+    lin_h = lin(h, sd, p + "linear_proj")
+    return ln(h + (lin_h if mask is None else mask * lin_h), g("layer_norm3.weight"), g("layer_norm3.bias"))
 
 
 def cos(a, b):

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 
-from _procs import free_port
+from _procs import clean_env, free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "srun", "sacct")
@@ -32,7 +32,7 @@ class Cluster:
         self.node = socket.gethostname().split(".")[0]
         self.conf = os.path.join(root, "slurm.conf")
         self.munge_socket = os.path.join(root, "munge", "munge.socket")
-        self.env = dict(os.environ, SLURM_CONF=self.conf)
+        self.env = clean_env(SLURM_CONF=self.conf)
         self.procs: list[subprocess.Popen] = []
 
     def _write_conf(self) -> None:

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from _procs import clean_env
 from conftest import REPO
 
 
@@ -57,7 +58,7 @@ def test_bench_gpu_train_runs_on_cpu_tiny(tmp_path):
     out = tmp_path / "g.json"
     p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu_train.py"), "--cpu", "--tiny", "--steps", "1",
                         "--json", str(out)], capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, DS_ACCELERATOR="cpu"))
+                       env=clean_env(DS_ACCELERATOR="cpu"))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert [(t["zero"], t["checkpointing"], t["compile"]) for t in r["train"]] == [

@@ -127,7 +127,9 @@ def test_upstream_protocol_shows_the_leak_and_refuses_multi_caption_sets():
 
 
 def run_eval(args, world=1):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
+    from _procs import clean_env
+
+    env = clean_env(DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
     if world == 1:
         cmd = [sys.executable, os.path.join(REPO, "launch", "eval.py")]
     else:

@@ -41,6 +41,39 @@ def test_pooling_against_a_loop_for_unequal_texts_and_videos():
     torch.testing.assert_close(pool(t[1:], f[2:4]), out[2:4, 1:])  # a chunk of texts x a chunk of videos
 
 
+class FixedMask(torch.nn.Module):
+    """Dropout with a known mask, so that the training branch can be checked against the loop."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+def test_pooling_in_training_against_a_loop_values_and_gradients():
+    """The training branch (two sums, dropout between them) with a fixed dropout mask: values and the gradients
+    of every pooling weight and of the inputs, against autograd through the float64 loop."""
+    t, f = rand(3, D, seed=1).requires_grad_(), rand(5, F, D, seed=2).requires_grad_()
+    mask = (torch.rand(5, 3, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64) > 0.3) / 0.7
+    w = rand(5, 3, D, seed=5)
+    pool = perturbed(TextConditionedPool(D, dropout=0.3)).double().train()
+    pool.dropout = FixedMask(mask)
+    out = pool(t, f)
+    (out * w).sum().backward()
+    sd = {f"pool_frames.{k}": v.detach().clone().requires_grad_() for k, v in pool.state_dict().items()}
+    t2, f2 = t.detach().clone().requires_grad_(), f.detach().clone().requires_grad_()
+    ref_out = torch.stack([torch.stack([ref.pool_one(t2[j], f2[i], sd, mask=mask[i, j]) for j in range(3)])
+                           for i in range(5)])
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    (ref_out * w).sum().backward()
+    for name, p in pool.named_parameters():
+        torch.testing.assert_close(p.grad, sd[f"pool_frames.{name}"].grad, rtol=1e-8, atol=1e-10, msg=name)
+    torch.testing.assert_close(t.grad, t2.grad, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(f.grad, f2.grad, rtol=1e-8, atol=1e-10)
+
+
 def test_pooling_init_is_identity_projections():
     pool = TextConditionedPool(D, dropout=0.3)
     for name, p in pool.named_parameters():

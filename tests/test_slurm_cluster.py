@@ -10,6 +10,7 @@ import time
 import pytest
 
 import _slurm
+from _procs import clean_env
 from conftest import REPO
 
 MISSING = _slurm.missing()
@@ -118,7 +119,7 @@ def test_eval_job_with_two_srun_tasks_matches_one_process(cluster, synthetic_sha
     assert two["world_size"] == 2
     p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", str(run),
                         "--test_shards", test, *eval_args.split(), "--results", str(tmp_path / "one.json")],
-                       env=dict(os.environ, DS_ACCELERATOR="cpu"), cwd=REPO, capture_output=True, text=True,
+                       env=clean_env(DS_ACCELERATOR="cpu"), cwd=REPO, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     one = json.loads((tmp_path / "one.json").read_text())

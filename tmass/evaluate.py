@@ -32,6 +32,7 @@ from . import dist
 from .config import EvalConfig
 from .data.transforms import normalize
 from .metrics import best_caption_scores, metrics_from_ranks, t2v_ranks
+from .model.pooling import VideoSide
 from .model.stochastic import all_cosines, keyed_noise
 
 DSL_TEMPERATURE = 100.0
@@ -85,28 +86,31 @@ def encode(model, batches, device: torch.device, autocast_dtype: torch.dtype | N
 
 
 # --------------------------------------------------------------------------------------------- scoring
-def per_text_cosines(t: torch.Tensor, radius: torch.Tensor, p_hat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """cos(t_j + R_ji * eps_jm, p_ji) for all m by three batched products.
-    t [c_t, D], radius and p_hat [c_t, c_v, D] (|p_hat| = 1), eps [c_t, M, D] -> [c_t, c_v, M]."""
-    base = torch.einsum("td,tvd->tv", t, p_hat)
-    a = torch.einsum("tvd,tmd->tvm", radius * p_hat, eps)
-    b = torch.einsum("tvd,tmd->tvm", radius * t[:, None, :], eps)
-    c = torch.einsum("tvd,tmd->tvm", radius * radius, eps * eps)
+def per_text_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """cos(t_j + R_ji * eps_jm, p_ji) for all m, as batched products (nothing of size [pairs, M, D] is made):
+        (t.p + (R*p).eps) / (|p| sqrt(|t|^2 + 2 R.(t*eps) + (R*R).(eps*eps)))
+    t [c_t, D], radius and p [c_t, c_v, D], eps [c_t, M, D] -> [c_t, c_v, M]."""
+    inv_norm = torch.linalg.vector_norm(p, dim=-1).clamp_min(1e-12).reciprocal_()  # 1 / |p| [c_t, c_v]
+    base = torch.bmm(p, t[:, :, None]).squeeze(-1)  # t.p [c_t, c_v]
+    a = torch.bmm(radius * p, eps.transpose(1, 2))  # (R*p).eps [c_t, c_v, M]
+    b = torch.bmm(radius, (t[:, None, :] * eps).transpose(1, 2))  # (t*R).eps, with t*eps made per text
+    c = torch.bmm(radius * radius, (eps * eps).transpose(1, 2))
     norm2 = (t * t).sum(-1)[:, None, None] + 2 * b + c
-    return (base[..., None] + a) / norm2.clamp_min(1e-12).sqrt()
+    return (base[..., None] + a) * inv_norm[..., None] / norm2.clamp_min(1e-12).sqrt()
 
 
-def per_pair_cosines(t: torch.Tensor, radius: torch.Tensor, p_hat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def per_pair_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """The same formula with an eps of its own for every pair: eps [c_t, c_v, M, D] -> [c_t, c_v, M], as
     batched matrix-vector products (the noisy texts are never materialised)."""
     ct, cv, m, d = eps.shape
     e = eps.reshape(ct * cv, m, d)
-    base = torch.einsum("td,tvd->tv", t, p_hat)
-    vecs = torch.stack([radius * p_hat, radius * t[:, None, :]], dim=-1).reshape(ct * cv, d, 2)
+    inv_norm = torch.linalg.vector_norm(p, dim=-1).clamp_min(1e-12).reciprocal_()
+    base = torch.bmm(p, t[:, :, None]).squeeze(-1)
+    vecs = torch.stack([radius * p, radius * t[:, None, :]], dim=-1).reshape(ct * cv, d, 2)
     a, b = torch.bmm(e, vecs).unbind(-1)  # [c_t c_v, M] each
     c = torch.bmm(e * e, (radius * radius).reshape(ct * cv, d, 1)).squeeze(-1)
     norm2 = (t * t).sum(-1)[:, None, None] + (2 * b + c).view(ct, cv, m)
-    return (base[..., None] + a.view(ct, cv, m)) / norm2.clamp_min(1e-12).sqrt()
+    return (base[..., None] + a.view(ct, cv, m)) * inv_norm[..., None] / norm2.clamp_min(1e-12).sqrt()
 
 
 def text_trial_noise(text_ids: torch.Tensor, cfg: EvalConfig, seed: int, prior: str, std: float, dim: int,
@@ -118,28 +122,29 @@ def text_trial_noise(text_ids: torch.Tensor, cfg: EvalConfig, seed: int, prior: 
 
 def chunk_scores(model, t: torch.Tensor, f: torch.Tensor, text_ids: torch.Tensor, first_video: int,
                  cfg: EvalConfig, seed: int, own_hat: torch.Tensor | None = None,
-                 text_noise: torch.Tensor | None = None) -> torch.Tensor:
+                 text_noise: torch.Tensor | None = None, side: VideoSide | None = None) -> torch.Tensor:
     """Scores [c_t, c_v] of texts t (global ids text_ids) against videos f (global ids first_video, ...).
-    `text_noise` is the block's per_text noise when the caller already drew it."""
+    `text_noise` is the block's per_text noise and `side` the videos' pooling half, when the caller has them."""
     pdtype = next(model.pool_frames.parameters()).dtype
-    pooled = model.pool_frames(t.to(pdtype), f.to(pdtype)).float().transpose(0, 1)  # [c_t, c_v, D]
-    p_hat = F.normalize(pooled, dim=-1)
+    if side is None:
+        side = model.pool_frames.video_side(f.to(pdtype))
+    p = model.pool_frames.pool(t.to(pdtype), side, text_major=True).float()  # psi [c_t, c_v, D], not normalised
     t = t.float()
     if cfg.deterministic_text:
-        return torch.einsum("td,tvd->tv", F.normalize(t, dim=-1), p_hat)
+        return torch.bmm(F.normalize(p, dim=-1), F.normalize(t, dim=-1)[:, :, None]).squeeze(-1)
     radius = model.radius(all_cosines(t, f))  # [c_t, c_v, D], fp32
     m, dim, prior, std = cfg.stochastic_trials, t.shape[1], model.cfg.stochastic_prior, model.cfg.stochastic_prior_std
     c_v = f.shape[0]
     if cfg.trial_noise == "per_text":
         eps = text_noise if text_noise is not None else text_trial_noise(text_ids, cfg, seed, prior, std, dim,
                                                                          t.device)
-        cos = per_text_cosines(t, radius, p_hat, eps)  # [c_t, c_v, M]
+        cos = per_text_cosines(t, radius, p, eps)  # [c_t, c_v, M]
     else:
         eps = torch.empty(len(text_ids), c_v * m, dim)
         for row, j in enumerate(text_ids):
             eps[row] = keyed_noise((seed, "pair", int(j)), c_v * m, dim, prior, std, first=first_video * m)
         eps = eps.to(t.device).view(len(text_ids), c_v, m, dim)
-        cos = per_pair_cosines(t, radius, p_hat, eps)
+        cos = per_pair_cosines(t, radius, p, eps)
     if own_hat is None:
         return cos.max(dim=-1).values
     # upstream (leaky): the trial is chosen against psi(v_i | t_j), then scored against psi(v_i | t_i)
@@ -165,6 +170,8 @@ def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: i
                                else 1)
     c_t = max(1, min(len(rows), math.isqrt(max(1, pairs))))
     c_v = max(1, min(n_v, pairs // c_t))
+    pdtype = next(model.pool_frames.parameters()).dtype
+    side = model.pool_frames.video_side(enc.frames.to(pdtype))  # once per video: O(N_v F D), like the frames
     for a in range(0, len(rows), c_t):
         ids = rows[a:a + c_t]
         t = enc.text[ids]
@@ -175,7 +182,7 @@ def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: i
         for v in range(0, n_v, c_v):
             own = own_hat[v:v + c_v] if own_hat is not None else None
             out[a:a + len(ids), v:v + c_v] = chunk_scores(model, t, enc.frames[v:v + c_v], ids, v, cfg, seed, own,
-                                                          noise)
+                                                          noise, side[v:v + c_v])
     return out
 
 
