@@ -89,7 +89,14 @@ def test_usr1_checkpoints_requeues_and_the_restart_resumes(cluster, synthetic_sh
     assert (run / "checkpoints" / "latest").read_text() == f"step{summary['step']}"
     assert "requeued" in first.read_text()
 
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue delay
+    # Skip Slurm's requeue delay, but not too soon: slurmd revokes the killed attempt's credential with a 1 s
+    # clock, and a relaunch within that second is refused ("Job credential revoked").
+    t = time.time()
+    while cluster.run("sinfo", "-h", "-o", "%T").stdout.strip() != "idle":
+        assert time.time() - t < 120, cluster.logs()
+        time.sleep(0.5)
+    time.sleep(2)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600)
     second = run / "logs" / f"train-{job}-restart1.log"
     assert info["JobState"] == "COMPLETED", second.read_text()[-3000:] if second.exists() else cluster.logs()
