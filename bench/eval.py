@@ -118,13 +118,13 @@ def one(args: argparse.Namespace) -> None:
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def measure(method: str, n: int, trials: int, noise: str, world: int, chunk: int) -> dict:
+def measure(method: str, n: int, trials: int, noise: str, world: int, chunk: int, threads: int | None = None) -> dict:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    threads = max(1, (os.cpu_count() or 1) // world)
+    threads = threads or max(1, (os.cpu_count() or 1) // world)  # the machine's cores shared by the ranks
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -139,7 +139,7 @@ def measure(method: str, n: int, trials: int, noise: str, world: int, chunk: int
             raise SystemExit(f"{method} N={n} failed:\n{err[-3000:]}")
         outs.append(json.loads(out.strip().splitlines()[-1]))
     return {"method": method, "n": n, "noise": noise if method == "tmass" else "per_pair (upstream)",
-            "world": world, "seconds": round(max(o["seconds"] for o in outs), 2),
+            "world": world, "threads": threads, "seconds": round(max(o["seconds"] for o in outs), 2),
             "peak_rss_mb": round(max(o["peak_rss_mb"] for o in outs))}
 
 
@@ -170,8 +170,12 @@ def main() -> None:
             for world in (1, 2):
                 rows.append(measure("tmass", n, a.trials, noise, world, a.chunk))
                 print(f"  tmass N={n} {noise} world {world}: {rows[-1]['seconds']} s", file=sys.stderr)
+            half = max(1, (os.cpu_count() or 1) // 2)  # 1 rank with the threads of one of (c)'s ranks
+            rows.append(measure("tmass", n, a.trials, noise, 1, a.chunk, threads=half))
+            print(f"  tmass N={n} {noise} world 1, {half} threads: {rows[-1]['seconds']} s", file=sys.stderr)
     print(f"\nstochastic evaluation, random features: F={F_FRAMES}, D={DIM}, M={a.trials}, {os.cpu_count()} CPU cores")
-    print(f"{'':10} {'N':>6} {'noise':>20} {'ranks':>5} {'time s':>9} {'peak RSS MB':>12} {'vs (a)':>8} {'vs (b)':>8}")
+    print(f"{'':10} {'N':>6} {'noise':>20} {'ranks':>5} {'threads':>7} {'time s':>9} {'peak RSS MB':>12} "
+          f"{'vs (a)':>8} {'vs (b)':>8}")
     for r in rows:
         base_a = next((x for x in rows if x["method"] == "upstream" and x["n"] == r["n"]), None)
         base_b = next(x for x in rows if x["method"] == "tmass" and x["n"] == r["n"] and x["world"] == 1
@@ -179,8 +183,14 @@ def main() -> None:
         va = f"{base_a['seconds'] / r['seconds']:.1f}x" if base_a and r is not base_a else ""
         vb = f"{base_b['seconds'] / r['seconds']:.2f}x" if base_b and r is not base_b else ""
         name = "(a) upstr" if r["method"] == "upstream" else f"({'b' if r['world'] == 1 else 'c'}) tmass"
-        print(f"{name:10} {r['n']:>6} {r['noise']:>20} {r['world']:>5} {r['seconds']:>9.2f} {r['peak_rss_mb']:>12} "
-              f"{va:>8} {vb:>8}")
+        print(f"{name:10} {r['n']:>6} {r['noise']:>20} {r['world']:>5} {r['threads']:>7} {r['seconds']:>9.2f} "
+              f"{r['peak_rss_mb']:>12} {va:>8} {vb:>8}")
+    for r in rows:  # what the sharding alone gives: 2 ranks against 1 rank, with the same threads per rank
+        single = next((x for x in rows[::-1] if x["method"] == "tmass" and x["n"] == r["n"]
+                       and x["noise"] == r["noise"] and x["world"] == 1 and x["threads"] == r["threads"]), None)
+        if single and r["world"] == 2:
+            print(f"N={r['n']} {r['noise']}: 2 ranks x {r['threads']} threads = {single['seconds'] / r['seconds']:.2f}x "
+                  f"1 rank x {r['threads']} threads")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -49,9 +49,10 @@ def test_bench_eval_runs_small(tmp_path):
                         "--trials", "3", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     rows = json.loads(out.read_text())
-    assert [(r["method"], r["world"]) for r in rows] == [("upstream", 1), ("tmass", 1), ("tmass", 2),
-                                                         ("tmass", 1), ("tmass", 2)]
-    assert "vs (a)" in p.stdout
+    cores = os.cpu_count() or 1
+    per_noise = [("tmass", 1, cores), ("tmass", 2, max(1, cores // 2)), ("tmass", 1, max(1, cores // 2))]
+    assert [(r["method"], r["world"], r["threads"]) for r in rows] == [("upstream", 1, cores)] + per_noise * 2
+    assert "vs (a)" in p.stdout and "2 ranks x" in p.stdout
 
 
 def test_bench_gpu_train_runs_on_cpu_tiny(tmp_path):
