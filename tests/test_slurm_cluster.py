@@ -4,6 +4,7 @@ itself, and its restart resumes from that step; eval.sbatch evaluates with 2 sru
 1-process evaluation of the same checkpoint."""
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -40,8 +41,6 @@ def job_env(cluster, shards, out, **extra):
 
 def submit(cluster, script, env, *opts) -> str:
     """sbatch with `env` as the job's environment (sbatch exports the submitter's environment by default)."""
-    import subprocess
-
     out = os.path.join(env["OUTPUT_DIR"], "slurm-%j.out")
     os.makedirs(env["OUTPUT_DIR"], exist_ok=True)
     p = subprocess.run(["sbatch", "--parsable", f"--output={out}", *opts, os.path.join(REPO, "slurm", script)],
@@ -107,8 +106,6 @@ def test_usr1_checkpoints_requeues_and_the_restart_resumes(cluster, synthetic_sh
 
 
 def test_eval_job_with_two_srun_tasks_matches_one_process(cluster, synthetic_shards, tmp_path):
-    import subprocess
-
     env = job_env(cluster, synthetic_shards, tmp_path, TRAIN_ARGS=TRAIN_ARGS + " --max_steps 4")
     job = submit(cluster, "train.sbatch", env, *CPU_JOB)
     assert cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=600)["JobState"] == "COMPLETED"

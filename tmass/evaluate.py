@@ -120,14 +120,12 @@ def text_trial_noise(text_ids: torch.Tensor, cfg: EvalConfig, seed: int, prior: 
                         for j in text_ids]).to(device)
 
 
-def chunk_scores(model, t: torch.Tensor, f: torch.Tensor, text_ids: torch.Tensor, first_video: int,
+def chunk_scores(model, t: torch.Tensor, f: torch.Tensor, side: VideoSide, text_ids: torch.Tensor, first_video: int,
                  cfg: EvalConfig, seed: int, own_hat: torch.Tensor | None = None,
-                 text_noise: torch.Tensor | None = None, side: VideoSide | None = None) -> torch.Tensor:
-    """Scores [c_t, c_v] of texts t (global ids text_ids) against videos f (global ids first_video, ...).
-    `text_noise` is the block's per_text noise and `side` the videos' pooling half, when the caller has them."""
+                 text_noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [c_t, c_v] of texts t (global ids text_ids) against videos f (global ids first_video, ...), whose
+    pooling half is `side`. `text_noise`: the block's per_text noise [c_t, M, D] (drawn once per text block)."""
     pdtype = next(model.pool_frames.parameters()).dtype
-    if side is None:
-        side = model.pool_frames.video_side(f.to(pdtype))
     p = model.pool_frames.pool(t.to(pdtype), side, text_major=True).float()  # psi [c_t, c_v, D], not normalised
     t = t.float()
     if cfg.deterministic_text:
@@ -136,8 +134,7 @@ def chunk_scores(model, t: torch.Tensor, f: torch.Tensor, text_ids: torch.Tensor
     m, dim, prior, std = cfg.stochastic_trials, t.shape[1], model.cfg.stochastic_prior, model.cfg.stochastic_prior_std
     c_v = f.shape[0]
     if cfg.trial_noise == "per_text":
-        eps = text_noise if text_noise is not None else text_trial_noise(text_ids, cfg, seed, prior, std, dim,
-                                                                         t.device)
+        eps = text_noise
         cos = per_text_cosines(t, radius, p, eps)  # [c_t, c_v, M]
     else:
         eps = torch.empty(len(text_ids), c_v * m, dim)
@@ -181,8 +178,8 @@ def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: i
                                      t.shape[1], t.device)
         for v in range(0, n_v, c_v):
             own = own_hat[v:v + c_v] if own_hat is not None else None
-            out[a:a + len(ids), v:v + c_v] = chunk_scores(model, t, enc.frames[v:v + c_v], ids, v, cfg, seed, own,
-                                                          noise, side[v:v + c_v])
+            out[a:a + len(ids), v:v + c_v] = chunk_scores(model, t, enc.frames[v:v + c_v], side[v:v + c_v], ids, v,
+                                                          cfg, seed, own, noise)
     return out
 
 
