@@ -47,6 +47,20 @@ def make_clip(path: str, seed: int, width: int, height: int, fps: int, seconds: 
         out.mux(s.encode(None))
 
 
+def clip_corpus(root: str, seconds, caption: str = "clip {i}") -> tuple[str, str, list[str]]:
+    """make_clip for each entry of `seconds` (clip i lasts seconds[i]) into root/videos, and root/list.csv for
+    the csv source: (videos dir, csv path, names)."""
+    vids = os.path.join(root, "videos")
+    os.makedirs(vids, exist_ok=True)
+    names = [f"clip{i:04d}.mp4" for i in range(len(seconds))]
+    for i, (name, secs) in enumerate(zip(names, seconds)):
+        make_clip(os.path.join(vids, name), i, 640, 360, 30, secs)
+    csv = os.path.join(root, "list.csv")
+    with open(csv, "w") as f:
+        f.write("video,caption\n" + "".join(f"{n},{caption.format(i=i)}\n" for i, n in enumerate(names)))
+    return vids, csv, names
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num", type=int, default=12)
@@ -55,20 +69,14 @@ def main() -> None:
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        vids = os.path.join(tmp, "videos")
-        os.makedirs(vids)
         t = time.time()
-        for i in range(a.num):
-            make_clip(os.path.join(vids, f"clip{i:04d}.mp4"), i, 640, 360, 30, a.seconds)
+        vids, csv, _ = clip_corpus(tmp, [a.seconds] * a.num)
         src_mb = sum(os.path.getsize(os.path.join(vids, f)) for f in os.listdir(vids)) / 1e6
         print(f"generated {a.num} clips of 640x360, 30 fps, {a.seconds:g} s ({src_mb:.1f} MB) in {time.time() - t:.1f} s")
-        with open(os.path.join(tmp, "list.csv"), "w") as f:
-            f.write("video,caption\n" + "".join(f"clip{i:04d}.mp4,clip {i}\n" for i in range(a.num)))
         rows = []
         for w in map(int, a.workers.split(",")):
             cfg = BuildConfig(source="csv", out=os.path.join(tmp, f"out{w}"), splits=["train"], workers=w,
-                              source_opts=SourceOptions(anno=os.path.join(tmp, "list.csv"), videos_dir=vids),
-                              progress=False)
+                              source_opts=SourceOptions(anno=csv, videos_dir=vids), progress=False)
             t = time.time()
             (m,) = build(cfg)
             dt = time.time() - t

@@ -158,44 +158,20 @@ def eval_run(n: int, trials: int, device) -> dict:
     return out
 
 
-def loader_shards(out: str, frames: int, workers: int, seconds: float) -> list[str]:
+def loader_shards(out: str, workers: int, seconds: float) -> list[str]:
     """Shards of 32 generated 640x360 30 fps clips, built into `out` unless they are there already (the GPU machine
     gets them built on another machine, as a cluster gets them on shared storage)."""
     manifest = os.path.join(out, "s", "train.json")
     if not os.path.exists(manifest):
-        from build_shards import make_clip
+        from build_shards import clip_corpus
         from tmass.shards.build import BuildConfig, build
         from tmass.shards.sources import SourceOptions
 
-        os.makedirs(os.path.join(out, "v"), exist_ok=True)
-        names = [f"c{i}.mp4" for i in range(32)]
-        for i, name in enumerate(names):
-            make_clip(os.path.join(out, "v", name), i, 640, 360, 30, seconds)
-        with open(os.path.join(out, "l.csv"), "w") as f:
-            f.write("video,caption\n" + "".join(f"{n},a red box\n" for n in names))
+        vids, csv, _ = clip_corpus(out, [seconds] * 32, "a red box")
         build(BuildConfig(source="csv", out=os.path.join(out, "s"), splits=["train"], workers=workers, max_count=2,
-                          progress=False,
-                          source_opts=SourceOptions(anno=os.path.join(out, "l.csv"), videos_dir=os.path.join(out, "v"))))
+                          progress=False, source_opts=SourceOptions(anno=csv, videos_dir=vids)))
     with open(manifest) as f:
         return [os.path.join(out, "s", s["shard"]) for s in json.load(f)["shards"]]
-
-
-def loader_run(urls: list[str], frames: int, res: int, batch: int, workers: int) -> dict:
-    """Clips/s of the training stream on this machine's cores, from local shards."""
-    from tmass.config import DataConfig
-    from tmass.data.stream import TrainStream, make_loader
-    from tmass.data.tokenizer import build_caption_tokenizer
-
-    cfg = DataConfig(num_frames=frames, input_res=res, batch_size=batch, num_workers=workers, decode_timeout=0,
-                     shuffle_buffer=32, shuffle_initial=4)
-    tok = build_caption_tokenizer(["a red box"])
-    n_batches = max(4 * workers, 8)
-    loader = make_loader(TrainStream(urls, cfg, tok, n_batches), workers)
-    it = iter(loader)
-    next(it)  # workers started, first batch out
-    t = time.perf_counter()
-    got = sum(b["video"].shape[0] for b in it)
-    return {"workers": workers, "batch": batch, "clips_per_s": got / (time.perf_counter() - t)}
 
 
 PARTS = ("eval", "train", "upstream", "loader")  # in the order they run
@@ -284,9 +260,14 @@ def main() -> None:
     if "loader" in parts:
         workers = 1 if a.tiny else max(1, (os.cpu_count() or 2) - 2)
         res, batch, seconds = (32, 4, 1.0) if a.tiny else (224, 32, 10.0)
+        from loader import time_shards  # bench/loader.py: the same stream, timed
+        from tmass.data.tokenizer import build_caption_tokenizer
+
         with tempfile.TemporaryDirectory() as tmp:
-            urls = loader_shards(a.loader_shards or tmp, frames, workers, seconds)
-            results["loader"] = loader_run(urls, frames, res, batch, workers)
+            urls = loader_shards(a.loader_shards or tmp, workers, seconds)
+            rate = time_shards(urls, build_caption_tokenizer(["a red box"]), 4 * workers * batch, batch, frames, res,
+                               workers)
+            results["loader"] = {"workers": workers, "batch": batch, "clips_per_s": rate}
         save("loader")
 
     print(f"\nT-MASS {arch}, {frames} frames, {precision}, on {name} (torch {torch.__version__})")

@@ -30,14 +30,10 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from build_shards import make_clip  # noqa: E402  (the textured test clip of the shard benchmark)
 from tmass.data.stream import DataConfig, TrainStream, make_loader  # noqa: E402
 from tmass.data.tokenizer import build_caption_tokenizer  # noqa: E402
 from tmass.data.transforms import CLIP_MEAN, CLIP_STD, crop_box  # noqa: E402
 from tmass.data.video import frame_indices  # noqa: E402
-from tmass.shards.build import BuildConfig, build  # noqa: E402
-from tmass.shards.sources import SourceOptions  # noqa: E402
-from tmass.shards.transcode import TranscodeOptions, transcode  # noqa: E402
 
 
 def upstream_clip(path: str, num_frames: int, size: int, rng: random.Random) -> torch.Tensor:
@@ -71,14 +67,15 @@ def time_upstream(paths: list[str], clips: int, num_frames: int, size: int) -> f
     return clips / (time.perf_counter() - t)
 
 
-def time_shards(urls: list[str], tok, clips: int, batch: int, num_frames: int, size: int) -> float:
-    cfg = DataConfig(num_frames=num_frames, input_res=size, batch_size=batch, num_workers=0, decode_timeout=0,
+def time_shards(urls: list[str], tok, clips: int, batch: int, num_frames: int, size: int, workers: int = 0) -> float:
+    """Clips/s of the training stream with `workers` loader processes (0: in this process)."""
+    cfg = DataConfig(num_frames=num_frames, input_res=size, batch_size=batch, num_workers=workers, decode_timeout=0,
                      shuffle_buffer=64, shuffle_initial=8)
-    warm = list(make_loader(TrainStream(urls, cfg, tok, 1), 0))  # warm-up: imports, first decode
-    assert warm
-    n_batches = max(1, clips // batch)
+    n_batches = max(1, clips // batch) + max(1, workers)
+    it = iter(make_loader(TrainStream(urls, cfg, tok, n_batches), workers))
+    next(it)  # warm-up: imports, workers started, first decode
     t = time.perf_counter()
-    got = sum(b["video"].shape[0] for b in make_loader(TrainStream(urls, cfg, tok, n_batches), 0))
+    got = sum(b["video"].shape[0] for b in it)
     return got / (time.perf_counter() - t)
 
 
@@ -93,26 +90,28 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--json")
     a = p.parse_args()
+    # the encoder (PyAV) only here, so that gpu_train.py can import time_shards on a machine without it
+    from build_shards import clip_corpus  # the textured test clips of the shard benchmark
+    from tmass.shards.build import BuildConfig, build
+    from tmass.shards.sources import SourceOptions
+    from tmass.shards.transcode import TranscodeOptions, transcode
+
     torch.set_num_threads(1)
     import cv2
 
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        raw, pre = os.path.join(tmp, "raw"), os.path.join(tmp, "pre")
-        os.makedirs(raw)
+        raw, csv, names = clip_corpus(tmp, [a.seconds or 10 + 10 * i / max(1, a.num - 1) for i in range(a.num)],
+                                      "a red box moves right")
+        pre = os.path.join(tmp, "pre")
         os.makedirs(pre)
-        names = [f"clip{i:04d}.mp4" for i in range(a.num)]
-        for i, n in enumerate(names):
-            make_clip(os.path.join(raw, n), i, 640, 360, 30, a.seconds or 10 + 10 * i / max(1, a.num - 1))
+        for n in names:
             with open(os.path.join(raw, n), "rb") as f:
                 small, _ = transcode(f.read(), TranscodeOptions(short_side=224, fps=3, tune=""))  # as CLIP4Clip
             with open(os.path.join(pre, n), "wb") as f:
                 f.write(small)
-        with open(os.path.join(tmp, "list.csv"), "w") as f:
-            f.write("video,caption\n" + "".join(f"{n},a red box moves right\n" for n in names))
         (m,) = build(BuildConfig(source="csv", out=os.path.join(tmp, "shards"), splits=["train"], workers=2,
-                                 max_count=4, progress=False,
-                                 source_opts=SourceOptions(anno=os.path.join(tmp, "list.csv"), videos_dir=raw)))
+                                 max_count=4, progress=False, source_opts=SourceOptions(anno=csv, videos_dir=raw)))
         urls = [os.path.join(tmp, "shards", s["shard"]) for s in m["shards"]]
         tok = build_caption_tokenizer(["a red box moves right"])
         rows = {
