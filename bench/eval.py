@@ -91,13 +91,15 @@ def upstream(head: Head, n: int, trials: int) -> None:
     assert ranks.numel() == n
 
 
-def tmass_run(n: int, trials: int, noise: str, chunk: int) -> None:
+def tmass_run(n: int, trials: int, noise: str, chunk: int, compile_: str) -> dict:
     from tmass.config import EvalConfig
     from tmass.evaluate import Encoded, rank_all
 
     t, frames = features(n)
     enc = Encoded(t, frames, torch.arange(n), [], {})
-    rank_all(Head(), enc, EvalConfig(stochastic_trials=trials, trial_noise=noise, eval_chunk=chunk), 24)
+    cfg = EvalConfig(stochastic_trials=trials, trial_noise=noise, eval_chunk=chunk, eval_compile=compile_)
+    r = rank_all(Head(), enc, cfg, 24)
+    return {"compiled": r["compiled"], "first_chunk_s": r["first_chunk_s"]}
 
 
 def one(args: argparse.Namespace) -> None:
@@ -107,18 +109,23 @@ def one(args: argparse.Namespace) -> None:
         from tmass import dist
 
         dist.init()
+    base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the interpreter, torch and gloo
     t = time.perf_counter()
+    info = {}
     if args.method == "upstream":
         upstream(Head(), args.n, args.trials)
     else:
-        tmass_run(args.n, args.trials, args.noise, args.chunk)
+        info = tmass_run(args.n, args.trials, args.noise, args.chunk, args.compile)
     if args.world > 1:
         torch.distributed.barrier()
-    print(json.dumps({"seconds": time.perf_counter() - t,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"seconds": time.perf_counter() - t, "base_rss_mb": base_mb,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024} | info), flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a clean exit: gloo's threads end before the interpreter
 
 
-def measure(method: str, n: int, trials: int, noise: str, world: int, chunk: int, threads: int | None = None) -> dict:
+def measure(method: str, n: int, trials: int, noise: str, world: int, chunk: int, compile_: str,
+            threads: int | None = None) -> dict:
     import socket
 
     with socket.socket() as s:
@@ -130,7 +137,8 @@ def measure(method: str, n: int, trials: int, noise: str, world: int, chunk: int
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
         cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--n", str(n), "--trials", str(trials),
-               "--noise", noise, "--world", str(world), "--chunk", str(chunk), "--threads", str(threads)]
+               "--noise", noise, "--world", str(world), "--chunk", str(chunk), "--threads", str(threads),
+               "--compile", compile_]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
     for p in procs:
@@ -140,7 +148,9 @@ def measure(method: str, n: int, trials: int, noise: str, world: int, chunk: int
         outs.append(json.loads(out.strip().splitlines()[-1]))
     return {"method": method, "n": n, "noise": noise if method == "tmass" else "per_pair (upstream)",
             "world": world, "threads": threads, "seconds": round(max(o["seconds"] for o in outs), 2),
-            "peak_rss_mb": round(max(o["peak_rss_mb"] for o in outs))}
+            "peak_rss_mb": round(max(o["peak_rss_mb"] for o in outs)),
+            "above_base_mb": round(max(o["peak_rss_mb"] - o["base_rss_mb"] for o in outs)),
+            "compiled": outs[0].get("compiled", False), "first_chunk_s": outs[0].get("first_chunk_s")}
 
 
 def main() -> None:
@@ -149,6 +159,7 @@ def main() -> None:
     p.add_argument("--upstream_max", type=int, default=1000, help="run (a) only up to this N")
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--chunk", type=int, default=8192, help="--eval_chunk (the default of tmass)")
+    p.add_argument("--compile", default="auto", help="--eval_compile for (b) and (c): auto, yes or no")
     p.add_argument("--noises", default="per_text,per_pair", help="the --trial_noise modes to run for (b) and (c)")
     p.add_argument("--json")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -164,27 +175,33 @@ def main() -> None:
     rows = []
     for n in map(int, a.sizes.split(",")):
         if n <= a.upstream_max:
-            rows.append(measure("upstream", n, a.trials, "per_pair", 1, a.chunk))
+            rows.append(measure("upstream", n, a.trials, "per_pair", 1, a.chunk, a.compile))
             print(f"  (a) N={n}: {rows[-1]['seconds']} s", file=sys.stderr)
         for noise in a.noises.split(","):
             for world in (1, 2):
-                rows.append(measure("tmass", n, a.trials, noise, world, a.chunk))
+                rows.append(measure("tmass", n, a.trials, noise, world, a.chunk, a.compile))
                 print(f"  tmass N={n} {noise} world {world}: {rows[-1]['seconds']} s", file=sys.stderr)
             half = max(1, (os.cpu_count() or 1) // 2)  # 1 rank with the threads of one of (c)'s ranks
-            rows.append(measure("tmass", n, a.trials, noise, 1, a.chunk, threads=half))
+            rows.append(measure("tmass", n, a.trials, noise, 1, a.chunk, a.compile, threads=half))
             print(f"  tmass N={n} {noise} world 1, {half} threads: {rows[-1]['seconds']} s", file=sys.stderr)
     print(f"\nstochastic evaluation, random features: F={F_FRAMES}, D={DIM}, M={a.trials}, {os.cpu_count()} CPU cores")
-    print(f"{'':10} {'N':>6} {'noise':>20} {'ranks':>5} {'threads':>7} {'time s':>9} {'peak RSS MB':>12} "
-          f"{'vs (a)':>8} {'vs (b)':>8}")
+    print("time: wall time of scoring and ranking, the first chunk included; 1st chunk: its time, which holds the "
+          "compilation\n(or the load from torch's on-disk cache) where the scorer is compiled; RSS: per process, "
+          "and above what the\nprocess held before the run (the interpreter, torch and gloo)")
+    print(f"{'':10} {'N':>6} {'noise':>20} {'ranks':>5} {'thr':>4} {'compiled':>8} {'time s':>8} {'1st chunk':>9} "
+          f"{'vs (a)':>7} {'vs (b)':>7} {'peak RSS MB':>11} {'above':>6} {'(a)/RSS':>7}")
     for r in rows:
         base_a = next((x for x in rows if x["method"] == "upstream" and x["n"] == r["n"]), None)
         base_b = next(x for x in rows if x["method"] == "tmass" and x["n"] == r["n"] and x["world"] == 1
                       and x["noise"] == r["noise"]) if r["method"] == "tmass" else None
         va = f"{base_a['seconds'] / r['seconds']:.1f}x" if base_a and r is not base_a else ""
         vb = f"{base_b['seconds'] / r['seconds']:.2f}x" if base_b and r is not base_b else ""
+        vm = f"{base_a['peak_rss_mb'] / r['peak_rss_mb']:.1f}x" if base_a and r is not base_a else ""
         name = "(a) upstr" if r["method"] == "upstream" else f"({'b' if r['world'] == 1 else 'c'}) tmass"
-        print(f"{name:10} {r['n']:>6} {r['noise']:>20} {r['world']:>5} {r['threads']:>7} {r['seconds']:>9.2f} "
-              f"{r['peak_rss_mb']:>12} {va:>8} {vb:>8}")
+        first = f"{r['first_chunk_s']:.2f}" if r.get("first_chunk_s") is not None else ""
+        print(f"{name:10} {r['n']:>6} {r['noise']:>20} {r['world']:>5} {r['threads']:>4} "
+              f"{'yes' if r.get('compiled') else 'no':>8} {r['seconds']:>8.2f} {first:>9} {va:>7} {vb:>7} "
+              f"{r['peak_rss_mb']:>11} {r['above_base_mb']:>6} {vm:>7}")
     for r in rows:  # what the sharding alone gives: 2 ranks against 1 rank, with the same threads per rank
         single = next((x for x in rows[::-1] if x["method"] == "tmass" and x["n"] == r["n"]
                        and x["noise"] == r["noise"] and x["world"] == 1 and x["threads"] == r["threads"]), None)

@@ -13,7 +13,7 @@ from conftest import REPO
 from tmass.config import EvalConfig, ModelConfig
 from tmass.evaluate import Encoded, own_caption_pooled, score_rows
 from tmass.metrics import best_caption_scores, metrics_from_ranks, t2v_ranks
-from tmass.model.stochastic import keyed_noise
+from tmass.model.stochastic import counter_noise, keyed_noise, noise_table, row_keys
 from tmass.model.tmass import TMASS
 
 D, F = 32, 4
@@ -51,9 +51,10 @@ def test_scores_against_a_triple_loop(noise, prior):
     for j in range(7):
         for i in range(4):
             if noise == "per_text":
-                eps = keyed_noise((seed, "text", j), M, D, prior, 0.5).double()
+                eps = keyed_noise((seed, "text"), [j], M, D, prior, 0.5)[0].double()
             else:
-                eps = keyed_noise((seed, "pair", j), M, D, prior, 0.5, first=i * M).double()
+                keys = row_keys((seed, "pair"), torch.tensor([j]), torch.tensor([i]))
+                eps = counter_noise(keys, noise_table((seed, "pair"), M, D), prior, 0.5)[0].double()
             expected = ref.eval_score(enc.text[j].double(), enc.frames[i].double(), sd, list(eps))
             assert abs(got[j, i].item() - expected) < 2e-5, (j, i, got[j, i].item(), expected)
 
@@ -77,6 +78,42 @@ def test_scores_do_not_depend_on_chunks_or_row_blocks():
             cfg = EvalConfig(stochastic_trials=6, trial_noise=noise, eval_chunk=chunk)
             parts = torch.cat([score_rows(model, enc, torch.arange(a, b), cfg, 24) for a, b in ((0, 3), (3, 7))])
             torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prior", ["uniform01", "normal"])
+def test_compiled_per_pair_scorer_matches_the_checked_eager_one(prior):
+    """--eval_compile yes (the kernel that hashes eps where it is used, with padded chunks) against the eager
+    scores, which test_scores_against_a_triple_loop checks against float64 loops; N_t != N_v, ragged chunks."""
+    model = tiny(stochastic_prior=prior, stochastic_prior_std=0.5)
+    g = torch.Generator().manual_seed(5)
+    n_t, n_v = 23, 17
+    enc = Encoded(torch.randn(n_t, D, generator=g), torch.randn(n_v, F, D, generator=g), torch.arange(n_t) % n_v,
+                  [f"v{i}" for i in range(n_v)], {})
+    kw = dict(stochastic_trials=5, trial_noise="per_pair", eval_chunk=40)  # compiled: 6 x 6 chunks, padded
+    eager = score_rows(model, enc, torch.arange(n_t), EvalConfig(eval_compile="no", **kw), 24)
+    timings = {}
+    compiled = score_rows(model, enc, torch.arange(n_t), EvalConfig(eval_compile="yes", **kw), 24, timings=timings)
+    assert timings["compiled"] is True
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=2e-6)
+    assert not torch.allclose(compiled[:, :-1], compiled[:, 1:])  # not a constant that would match by chance
+
+
+def test_a_failing_compile_falls_back_or_stops_with_the_fix(monkeypatch, capsys):
+    import tmass.evaluate as ev
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+    monkeypatch.setitem(ev._compiled, "best_trial", broken)
+    model, enc = tiny(), random_set()
+    kw = dict(stochastic_trials=4, trial_noise="per_pair")
+    eager = score_rows(model, enc, torch.arange(7), EvalConfig(eval_compile="no", **kw), 24)
+    monkeypatch.setattr(ev, "AUTO_COMPILE_PAIRS", 1)  # auto: compile this tiny set, and fall back
+    timings = {}
+    got = score_rows(model, enc, torch.arange(7), EvalConfig(eval_compile="auto", **kw), 24, timings=timings)
+    assert torch.equal(got, eager) and timings["compiled"] is False
+    assert "torch.compile failed (RuntimeError)" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="install a C.. compiler .g... for CPU runs, or pass --eval_compile no"):
+        score_rows(model, enc, torch.arange(7), EvalConfig(eval_compile="yes", **kw), 24)
 
 
 def test_metrics_against_hand_made_ranks_with_ties_and_several_captions():

@@ -9,8 +9,8 @@ from tmass.config import ModelConfig
 from tmass.loss import tmass_loss
 from tmass.model.clip import clip_config, frame_features, text_features
 from tmass.model.pooling import TextConditionedPool
-from tmass.model.stochastic import (SimilarityRadius, all_cosines, draw_noise, keyed_noise, paired_cosines,
-                                    stochastic_text, support_text)
+from tmass.model.stochastic import (SimilarityRadius, all_cosines, counter_noise, keyed_noise, mix32,
+                                    noise_table, paired_cosines, row_keys, salt, stochastic_text, support_text, words)
 from tmass.model.tmass import TMASS
 
 D, F = 8, 4
@@ -117,21 +117,74 @@ def test_stochastic_and_support_text_against_loops():
 
 
 def test_noise_priors_and_keys():
-    g = torch.Generator().manual_seed(0)
-    u = draw_noise((20000,), "uniform01", 1.0, g)
-    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01  # not zero-mean, as upstream
-    n = draw_noise((20000,), "normal", 3e-3, g)
-    assert abs(n.std() - 3e-3) < 1e-4 and abs(n.mean()) < 1e-4
     for prior in ("uniform01", "normal"):
-        block = keyed_noise((24, "text", 7), 6, D, prior, 1.0)  # rows 0..5 at once
-        one_by_one = torch.cat([keyed_noise((24, "text", 7), 1, D, prior, 1.0, first=r) for r in range(6)])
+        block = keyed_noise((24, "text"), torch.arange(6), 3, D, prior, 1.0)  # rows 0..5 at once
+        one_by_one = torch.cat([keyed_noise((24, "text"), [r], 3, D, prior, 1.0) for r in range(6)])
         assert torch.equal(block, one_by_one) and not torch.equal(block[0], block[1])
-        assert torch.equal(keyed_noise((24, "text", 7), 2, D, prior, 1.0, first=3), block[3:5])
-        assert not torch.equal(keyed_noise((24, "text", 8), 1, D, prior, 1.0), block[:1])
-    big = keyed_noise((1,), 4000, 5, "normal", 2.0)
+        assert not torch.equal(block[0, 0], block[0, 1])  # trials differ
+        assert torch.equal(keyed_noise((24, "text"), [4, 3], 3, D, prior, 1.0), block[[4, 3]])
+        assert not torch.equal(keyed_noise((25, "text"), [0], 3, D, prior, 1.0), block[:1])
+    big = keyed_noise((1,), torch.arange(400), 10, 5, "normal", 2.0)
     assert abs(big.std() - 2.0) < 0.05 and abs(big.mean()) < 0.05
-    u = keyed_noise((1,), 4000, 5, "uniform01", 1.0)
-    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.02
+    u = keyed_noise((1,), torch.arange(400), 10, 5, "uniform01", 1.0)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.02  # not zero-mean, as upstream
+    with pytest.raises(ValueError, match="unknown stochastic prior 'gauss'"):
+        keyed_noise((1,), [0], 1, 5, "gauss", 1.0)
+
+
+def _lowbias32(x: int) -> int:
+    """Wellons' lowbias32 on Python integers, written from its published definition."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) % 2**32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) % 2**32
+    return x ^ (x >> 16)
+
+
+def test_counter_noise_against_python_integers():
+    """Each draw, recomputed with Python's unbounded integers from the definition in stochastic.py."""
+    xs = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 123_456_789]
+    assert [_lowbias32(x) for x in xs] == (mix32(words(torch.tensor(xs))).long() & 0xFFFFFFFF).tolist()
+    s, M, dim = salt((24, "pair")), 3, 7
+    keys = row_keys((24, "pair"), torch.tensor([5, 0, 4_000_000_000]), torch.tensor([2, 9, 123_456]))
+    eps = counter_noise(keys, noise_table((24, "pair"), M, dim), "uniform01", 1.0)
+    normal = counter_noise(keys, noise_table((24, "pair"), M, dim), "normal", 0.5)
+    for n, (j, i) in enumerate([(5, 2), (0, 9), (4_000_000_000, 123_456)]):
+        key = _lowbias32((j + s) % 2**32)
+        key = _lowbias32((key + _lowbias32((i + s + 0x9E3779B9) % 2**32)) % 2**32)
+        assert keys[n].item() & 0xFFFFFFFF == key
+        for m in range(M):
+            for d in range(dim):
+                c = m * dim + d
+                u1 = (_lowbias32((key + _lowbias32((c + s) % 2**32)) % 2**32) >> 8) / 2**24
+                u2 = (_lowbias32((key + _lowbias32((c + (s ^ 0x5BD1E995)) % 2**32)) % 2**32) >> 8) / 2**24
+                assert eps[n, m, d].item() == u1
+                z = 0.5 * math.sqrt(-2 * math.log(1 - u1)) * math.cos(2 * math.pi * u2)
+                assert abs(normal[n, m, d].item() - z) < 1e-5
+
+
+def test_counter_noise_is_uniform_and_uncorrelated():
+    """Moments, a chi-square over 64 bins, and correlations along the counter and between neighbouring rows and
+    pairs (a weak hash shows up here: the identity map fails every line)."""
+    M, dim, n = 8, 256, 64
+    j, i = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    u = counter_noise(row_keys((7, "pair"), j, i), noise_table((7, "pair"), M, dim), "uniform01", 1.0).double()
+    flat = u.flatten()  # 8.4 M draws
+    assert abs(flat.mean() - 0.5) < 5 * (1 / 12 / flat.numel()) ** 0.5 and abs(flat.var() - 1 / 12) < 1e-3
+    counts = torch.bincount((flat * 64).long(), minlength=64).double()
+    chi2 = ((counts - flat.numel() / 64) ** 2 / (flat.numel() / 64)).sum().item()
+    assert chi2 < 63 + 6 * (2 * 63) ** 0.5  # 63 degrees of freedom, 6 sigma
+
+    def corr(a, b):
+        a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+        return ((a * b).mean() / (a.std() * b.std())).item()
+    limit = 6 / (u[:, :, :, 1:].numel() ** 0.5)
+    assert abs(corr(u[..., 1:], u[..., :-1])) < limit  # next dim
+    assert abs(corr(u[:, :, 1:], u[:, :, :-1])) < 6 / u[:, :, 1:].numel() ** 0.5  # next trial
+    assert abs(corr(u[:, 1:], u[:, :-1])) < 6 / u[:, 1:].numel() ** 0.5  # next video, same text
+    assert abs(corr(u[1:], u[:-1])) < 6 / u[1:].numel() ** 0.5  # next text, same video
+    assert abs(corr(u, u.transpose(0, 1))) < 6 / u.numel() ** 0.5 + 1 / n  # (j, i) against (i, j)
+    assert not torch.equal(u[1, 2], u[2, 1])
 
 
 def _head(seed=0):
@@ -209,7 +262,7 @@ def test_features_are_the_projected_eos_and_cls_states():
 def test_gradients_reach_every_parameter():
     m = tiny_model(support_loss_weight=0.8)
     ids, mask, video = batch()
-    eps = draw_noise((3, m.dim), "uniform01", 1.0, torch.Generator().manual_seed(1))
+    eps = torch.rand(3, m.dim, generator=torch.Generator().manual_seed(1))
     m(ids, mask, video, eps)["loss"].backward()
     dead = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert dead == []

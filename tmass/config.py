@@ -90,6 +90,7 @@ class EvalConfig:
     stochastic_trials: int = 20  # M (upstream spells the flag --stochasic_trials; both work)
     trial_noise: str = "per_text"  # per_text: common random numbers per (text, trial); per_pair: as upstream
     eval_chunk: int = 8192  # (text, video) pairs scored at once: bounds memory (8192 was fastest on 2 cores)
+    eval_compile: str = "auto"  # torch.compile the per_pair scorer: yes, no, or auto (yes from 10^5 pairs)
     eval_protocol: str = "leakfree"  # or upstream: the candidate pooled with its own caption (leaky)
     deterministic_text: bool = False  # score with t alone (the X-Pool baseline)
     dsl: bool = False  # dual softmax over the queries (transductive)
@@ -102,7 +103,8 @@ class EvalConfig:
         _check([(self.trial_noise in ("per_text", "per_pair"), "--trial_noise must be per_text or per_pair"),
                 (self.eval_protocol in ("leakfree", "upstream"), "--eval_protocol must be leakfree or upstream"),
                 (self.stochastic_trials >= 1, "--stochastic_trials must be at least 1"),
-                (self.eval_chunk >= 1, "--eval_chunk must be at least 1")])
+                (self.eval_chunk >= 1, "--eval_chunk must be at least 1"),
+                (self.eval_compile in ("auto", "yes", "no"), "--eval_compile must be auto, yes or no")])
 
 
 @dataclass

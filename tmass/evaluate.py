@@ -6,11 +6,12 @@ during training.
 2. Score: each rank takes the texts of a contiguous block of videos and scores them against all videos, in
    chunks of at most --eval_chunk (text, video) pairs:
        score(j, i) = max_m cos(t_j + R(t_j, v_i) * eps_{j,i,m}, psi(v_i | t_j))
-   eps comes from counter-based streams keyed by (seed, text[, video], trial): the scores do not depend on
-   the world size or the chunk size. --trial_noise per_text draws eps_{j,m} once per text and trial (common
-   random numbers) and turns the trials into three batched products:
+   eps is a hash of (seed, text[, video], trial, dim) (model/stochastic.py, counter_noise): the scores do not
+   depend on the world size or the chunk size. --trial_noise per_text draws eps_{j,m} once per text and trial
+   (common random numbers) and turns the trials into three batched products:
        cos(t + R*eps, p) = (t.p + (R*p).eps) / sqrt(|t|^2 + 2 (t*R).eps + (R*R).(eps*eps))   (|p| = 1)
-   per_pair draws an independent eps for every (text, video, trial), as upstream.
+   per_pair draws an independent eps for every (text, video, trial), as upstream; compiled (--eval_compile),
+   one kernel hashes each eps where the sums over D use it, so the M x D draws per pair never reach memory.
 3. Rank: t2v ranks where the scores are; v2t from each video's best caption, with only O(N_v) numbers
    (the right-pair scores, then counts) crossing ranks; --DSL needs only per-video log-sum-exps.
 --eval_protocol upstream reproduces upstream's leaky score (the chosen trial scored against the candidate
@@ -18,9 +19,11 @@ pooled with its *own* caption), only to compare with published numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -33,7 +36,7 @@ from .config import EvalConfig
 from .data.transforms import normalize
 from .metrics import best_caption_scores, metrics_from_ranks, t2v_ranks
 from .model.pooling import VideoSide
-from .model.stochastic import all_cosines, keyed_noise
+from .model.stochastic import all_cosines, counter_noise, keyed_noise, noise_table, row_keys
 
 DSL_TEMPERATURE = 100.0
 
@@ -86,11 +89,14 @@ def encode(model, batches, device: torch.device, autocast_dtype: torch.dtype | N
 
 
 # --------------------------------------------------------------------------------------------- scoring
+AUTO_COMPILE_PAIRS = 10**5  # --eval_compile auto compiles per_pair from ~300 x 300 pairs (a cold compile: ~10 s)
+
+
 def per_text_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """cos(t_j + R_ji * eps_jm, p_ji) for all m, as batched products (nothing of size [pairs, M, D] is made):
         (t.p + (R*p).eps) / (|p| sqrt(|t|^2 + 2 R.(t*eps) + (R*R).(eps*eps)))
     t [c_t, D], radius and p [c_t, c_v, D], eps [c_t, M, D] -> [c_t, c_v, M]."""
-    inv_norm = torch.linalg.vector_norm(p, dim=-1).clamp_min(1e-12).reciprocal_()  # 1 / |p| [c_t, c_v]
+    inv_norm = torch.linalg.vector_norm(p, dim=-1).clamp_min(1e-12).reciprocal()  # 1 / |p| [c_t, c_v]
     base = torch.bmm(p, t[:, :, None]).squeeze(-1)  # t.p [c_t, c_v]
     a = torch.bmm(radius * p, eps.transpose(1, 2))  # (R*p).eps [c_t, c_v, M]
     b = torch.bmm(radius, (t[:, None, :] * eps).transpose(1, 2))  # (t*R).eps, with t*eps made per text
@@ -100,86 +106,152 @@ def per_text_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps
 
 
 def per_pair_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """The same formula with an eps of its own for every pair: eps [c_t, c_v, M, D] -> [c_t, c_v, M], as
-    batched matrix-vector products (the noisy texts are never materialised)."""
-    ct, cv, m, d = eps.shape
-    e = eps.reshape(ct * cv, m, d)
-    inv_norm = torch.linalg.vector_norm(p, dim=-1).clamp_min(1e-12).reciprocal_()
-    base = torch.bmm(p, t[:, :, None]).squeeze(-1)
-    vecs = torch.stack([radius * p, radius * t[:, None, :]], dim=-1).reshape(ct * cv, d, 2)
-    a, b = torch.bmm(e, vecs).unbind(-1)  # [c_t c_v, M] each
-    c = torch.bmm(e * e, (radius * radius).reshape(ct * cv, d, 1)).squeeze(-1)
-    norm2 = (t * t).sum(-1)[:, None, None] + (2 * b + c).view(ct, cv, m)
-    return (base[..., None] + a.view(ct, cv, m)) * inv_norm[..., None] / norm2.clamp_min(1e-12).sqrt()
+    """The same formula with an eps of its own for every pair: eps [c_t, c_v, M, D] -> [c_t, c_v, M]. Written as
+    sums over D, which a compiled kernel fuses with the drawing of eps: nothing of size [pairs, M, D] is stored."""
+    inv_norm = torch.linalg.vector_norm(p, dim=-1).clamp_min(1e-12).reciprocal()
+    base = (p * t[:, None, :]).sum(-1)
+    a = (eps * (radius * p)[:, :, None, :]).sum(-1)  # (R*p).eps
+    b = (eps * (radius * t[:, None, :])[:, :, None, :]).sum(-1)  # (t*R).eps
+    c = (eps * eps * (radius * radius)[:, :, None, :]).sum(-1)  # (R*R).(eps*eps)
+    norm2 = (t * t).sum(-1)[:, None, None] + 2 * b + c
+    return (base[..., None] + a) * inv_norm[..., None] / norm2.clamp_min(1e-12).sqrt()
 
 
-def text_trial_noise(text_ids: torch.Tensor, cfg: EvalConfig, seed: int, prior: str, std: float, dim: int,
-                     device) -> torch.Tensor:
-    """per_text noise eps_{j,m} [c_t, M, D]: drawn once per block of texts, reused for every video chunk."""
-    return torch.stack([keyed_noise((seed, "text", int(j)), cfg.stochastic_trials, dim, prior, std)
-                        for j in text_ids]).to(device)
-
-
-def chunk_scores(model, t: torch.Tensor, f: torch.Tensor, side: VideoSide, text_ids: torch.Tensor, first_video: int,
-                 cfg: EvalConfig, seed: int, own_hat: torch.Tensor | None = None,
-                 text_noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores [c_t, c_v] of texts t (global ids text_ids) against videos f (global ids first_video, ...), whose
-    pooling half is `side`. `text_noise`: the block's per_text noise [c_t, M, D] (drawn once per text block)."""
+def pair_terms(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor):
+    """For texts t [c_t, D] and a chunk of videos (frames f, pooling half `side`): t, R(t_j, v_i) and
+    psi(v_i | t_j) (not normalised), the last two [c_t, c_v, D], all fp32."""
     pdtype = next(model.pool_frames.parameters()).dtype
-    p = model.pool_frames.pool(t.to(pdtype), side, text_major=True).float()  # psi [c_t, c_v, D], not normalised
+    p = model.pool_frames.pool(t.to(pdtype), side, text_major=True).float()
     t = t.float()
-    if cfg.deterministic_text:
-        return torch.bmm(F.normalize(p, dim=-1), F.normalize(t, dim=-1)[:, :, None]).squeeze(-1)
-    radius = model.radius(all_cosines(t, f))  # [c_t, c_v, D], fp32
-    m, dim, prior, std = cfg.stochastic_trials, t.shape[1], model.cfg.stochastic_prior, model.cfg.stochastic_prior_std
-    c_v = f.shape[0]
-    if cfg.trial_noise == "per_text":
-        eps = text_noise
-        cos = per_text_cosines(t, radius, p, eps)  # [c_t, c_v, M]
+    return t, model.radius(all_cosines(t, f)), p
+
+
+def trial_noise(noise, prior: str, std: float) -> torch.Tensor:
+    """per_text: eps [c_t, M, D] as given; per_pair: (keys [c_t, c_v], table) -> eps [c_t, c_v, M, D]."""
+    return noise if isinstance(noise, torch.Tensor) else counter_noise(*noise, prior, std)
+
+
+def best_trial(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, noise, prior: str, std: float) -> torch.Tensor:
+    """score(j, i) = max_m cos(t_j + R_ji * eps_jim, psi(v_i | t_j)) [c_t, c_v]. This is what --eval_compile
+    compiles: per_pair eps is then drawn inside the kernel that uses it."""
+    eps = trial_noise(noise, prior, std)
+    cos = per_text_cosines(t, radius, p, eps) if eps.dim() == 3 else per_pair_cosines(t, radius, p, eps)
+    return cos.max(dim=-1).values
+
+
+def leaky_scores(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor, noise, prior: str, std: float,
+                 own_hat: torch.Tensor) -> torch.Tensor:
+    """--eval_protocol upstream (leaky): the trial is chosen against psi(v_i | t_j), then scored against the
+    candidate pooled with its own caption, psi(v_i | t_i) (own_hat [c_v, D], normalised)."""
+    t, radius, p = pair_terms(model, t, side, f)
+    eps = trial_noise(noise, prior, std)
+    c_t, c_v, dim = len(t), len(own_hat), t.shape[1]
+    if eps.dim() == 3:
+        best = per_text_cosines(t, radius, p, eps).argmax(dim=-1)  # [c_t, c_v]
+        eps_best = eps.gather(1, best.reshape(c_t, -1, 1).expand(-1, -1, dim)).view(c_t, c_v, dim)
     else:
-        eps = torch.empty(len(text_ids), c_v * m, dim)
-        for row, j in enumerate(text_ids):
-            eps[row] = keyed_noise((seed, "pair", int(j)), c_v * m, dim, prior, std, first=first_video * m)
-        eps = eps.to(t.device).view(len(text_ids), c_v, m, dim)
-        cos = per_pair_cosines(t, radius, p, eps)
-    if own_hat is None:
-        return cos.max(dim=-1).values
-    # upstream (leaky): the trial is chosen against psi(v_i | t_j), then scored against psi(v_i | t_i)
-    best = cos.argmax(dim=-1)  # [c_t, c_v]
-    if cfg.trial_noise == "per_text":
-        eps_best = eps.gather(1, best.reshape(len(text_ids), -1, 1).expand(-1, -1, dim)).view(len(text_ids), c_v, dim)
-    else:
+        best = per_pair_cosines(t, radius, p, eps).argmax(dim=-1)
         eps_best = eps.gather(2, best[..., None, None].expand(-1, -1, 1, dim)).squeeze(2)
     chosen = F.normalize(t[:, None] + radius * eps_best, dim=-1)
     return torch.einsum("tvd,vd->tv", chosen, own_hat)
 
 
+def deterministic_scores(model, t: torch.Tensor, side: VideoSide) -> torch.Tensor:
+    """cos(t_j, psi(v_i | t_j)) [c_t, c_v]: the X-Pool baseline, no trials."""
+    pdtype = next(model.pool_frames.parameters()).dtype
+    p = model.pool_frames.pool(t.to(pdtype), side, text_major=True).float()
+    return torch.bmm(F.normalize(p, dim=-1), F.normalize(t.float(), dim=-1)[:, :, None]).squeeze(-1)
+
+
+_compiled: dict = {}
+
+
+def _scorer(cfg: EvalConfig, pairs: int):
+    """best_trial, compiled (torch.compile: C++/OpenMP on CPU, Triton on GPU) for per_pair when --eval_compile
+    asks or, for auto, when the test set has at least AUTO_COMPILE_PAIRS pairs. The kernel then draws each eps
+    where it is used, instead of writing M x D numbers per pair to memory (1k x 1k on 2 CPU cores: 65 s -> 8 s,
+    bench/eval.py). per_text is
+    batched matrix products already, and compiling it gained nothing there, so it stays eager.
+    Returns (function, compiled?)."""
+    per_pair = cfg.trial_noise == "per_pair"
+    if not per_pair or cfg.eval_compile == "no" or (cfg.eval_compile == "auto" and pairs < AUTO_COMPILE_PAIRS):
+        return best_trial, False
+    if "best_trial" not in _compiled:
+        _compiled["best_trial"] = torch.compile(best_trial, dynamic=False)
+    return _compiled["best_trial"], True
+
+
+def _compile_failed(cfg: EvalConfig, e: Exception):
+    """--eval_compile yes stops with the fix; auto warns and goes on with the eager scorer."""
+    if cfg.eval_compile == "yes":
+        raise SystemExit(f"error: --eval_compile yes, but torch.compile failed ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); install a C++ "
+                         f"compiler (g++) for CPU runs, or pass --eval_compile no") from e
+    print(f"warning: torch.compile failed ({type(e).__name__}); scoring without it (--eval_compile no silences "
+          f"this)", file=sys.stderr)
+
+
+def _block(start: int, stop: int, size: int, pad: bool, device) -> slice | torch.Tensor:
+    """Rows start..stop-1: a slice (views, no copies), or for a compiled scorer indices padded to `size` by
+    repeating the last, so that every call has one shape."""
+    if not pad:
+        return slice(start, stop)
+    return torch.arange(start, start + size, device=device).clamp_max(stop - 1)
+
+
 @torch.no_grad()
 def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: int,
-               own_hat: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores [len(rows), N_v] of the texts `rows` against every video, chunk by chunk."""
-    n_v = enc.frames.shape[0]
-    out = torch.empty(len(rows), n_v, dtype=torch.float32, device=enc.frames.device)
+               own_hat: torch.Tensor | None = None, timings: dict | None = None) -> torch.Tensor:
+    """Scores [len(rows), N_v] of the texts `rows` (global ids) against every video, chunk by chunk. Noise:
+    per_text eps_{j,m} from stream (seed, "text") keyed by j; per_pair eps_{j,i,m} from (seed, "pair") keyed by
+    (j, i). `timings` receives the first chunk's time (compilation included) and whether it was compiled."""
+    n_v, device = enc.frames.shape[0], enc.frames.device
+    out = torch.empty(len(rows), n_v, dtype=torch.float32, device=device)
     if len(rows) == 0 or n_v == 0:
         return out
-    # per_pair holds M noise vectors per pair: fewer pairs per chunk, for the same memory
-    pairs = cfg.eval_chunk // (cfg.stochastic_trials if cfg.trial_noise == "per_pair" and not cfg.deterministic_text
-                               else 1)
+    stochastic = not cfg.deterministic_text
+    per_pair = stochastic and cfg.trial_noise == "per_pair"
+    score, compiled = _scorer(cfg, len(enc.text) * n_v) if stochastic and own_hat is None else (None, False)
+    # eager per_pair holds M noise vectors per pair: fewer pairs per chunk, for the same memory
+    pairs = cfg.eval_chunk // (cfg.stochastic_trials if per_pair and not compiled else 1)
     c_t = max(1, min(len(rows), math.isqrt(max(1, pairs))))
     c_v = max(1, min(n_v, pairs // c_t))
     pdtype = next(model.pool_frames.parameters()).dtype
     side = model.pool_frames.video_side(enc.frames.to(pdtype))  # once per video: O(N_v F D), like the frames
+    m, dim = cfg.stochastic_trials, enc.text.shape[1]
+    prior, std = model.cfg.stochastic_prior, model.cfg.stochastic_prior_std
+    table = noise_table((seed, "pair"), m, dim, device) if per_pair else None
+    t0, first = time.perf_counter(), True
     for a in range(0, len(rows), c_t):
-        ids = rows[a:a + c_t]
+        n_ids = min(c_t, len(rows) - a)
+        ids = rows[_block(a, a + n_ids, c_t, compiled, device)]  # global text ids
         t = enc.text[ids]
-        noise = None
-        if cfg.trial_noise == "per_text" and not cfg.deterministic_text:
-            noise = text_trial_noise(ids, cfg, seed, model.cfg.stochastic_prior, model.cfg.stochastic_prior_std,
-                                     t.shape[1], t.device)
+        eps = keyed_noise((seed, "text"), ids, m, dim, prior, std, device) if stochastic and not per_pair else None
         for v in range(0, n_v, c_v):
-            own = own_hat[v:v + c_v] if own_hat is not None else None
-            out[a:a + len(ids), v:v + c_v] = chunk_scores(model, t, enc.frames[v:v + c_v], side[v:v + c_v], ids, v,
-                                                          cfg, seed, own, noise)
+            n_vids = min(c_v, n_v - v)
+            vids = _block(v, v + n_vids, c_v, compiled, device)
+            if per_pair:
+                video_ids = torch.arange(v, v + n_vids, device=device) if isinstance(vids, slice) else vids
+                noise = (row_keys((seed, "pair"), ids[:, None], video_ids[None, :]), table)
+            else:
+                noise = eps
+            if not stochastic:
+                s = deterministic_scores(model, t, side[vids])
+            elif own_hat is not None:
+                s = leaky_scores(model, t, side[vids], enc.frames[vids], noise, prior, std, own_hat[vids])
+            else:
+                try:  # the first compiled call compiles (and nothing holds the chunk's [c_t, c_v, D] terms after)
+                    s = score(*pair_terms(model, t, side[vids], enc.frames[vids]), noise, prior, std)
+                except Exception as e:  # noqa: BLE001 (no C++ compiler, an unsupported backend, ...)
+                    if not (compiled and first):
+                        raise
+                    _compile_failed(cfg, e)  # stops for --eval_compile yes; else again, eager, with its chunks
+                    return score_rows(model, enc, rows, dataclasses.replace(cfg, eval_compile="no"), seed, own_hat,
+                                      timings)
+            out[a:a + n_ids, v:v + n_vids] = s[:n_ids, :n_vids]
+            if first and timings is not None:
+                timings.update(first_chunk_s=round(time.perf_counter() - t0, 3), compiled=compiled)
+            first = False
     return out
 
 
@@ -228,7 +300,8 @@ def rank_all(model, enc: Encoded, cfg: EvalConfig, seed: int) -> dict:
     rank, world = dist.rank(), dist.world()
     v0, v1 = rank * n_v // world, (rank + 1) * n_v // world  # this rank's owner videos
     rows = torch.nonzero((enc.text_video >= v0) & (enc.text_video < v1)).flatten()
-    scores = score_rows(model, enc, rows, cfg, seed, own_hat)  # [n_rows, N_v]
+    timings: dict = {}
+    scores = score_rows(model, enc, rows, cfg, seed, own_hat, timings)  # [n_rows, N_v]
     if cfg.dsl:  # s <- s * softmax over all queries (texts) of 100 s, per video column
         lse = torch.logsumexp(DSL_TEMPERATURE * scores, dim=0) if len(rows) else torch.full(
             (n_v,), float("-inf"), device=scores.device)
@@ -251,6 +324,7 @@ def rank_all(model, enc: Encoded, cfg: EvalConfig, seed: int) -> dict:
         "leaky": leaky, "trials": 0 if cfg.deterministic_text else cfg.stochastic_trials,
         "trial_noise": cfg.trial_noise, "deterministic_text": cfg.deterministic_text, "dsl": cfg.dsl,
         "seed": seed, "num_texts": n_t, "num_videos": n_v, "world_size": world,
+        "compiled": bool(timings.get("compiled")), "first_chunk_s": timings.get("first_chunk_s"),
     }
 
 

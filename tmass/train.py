@@ -378,8 +378,8 @@ def train(cfg: Config) -> dict:
             stats[batch["stream"]] = batch["stats"]
             video = normalize(batch["video"].to(device, non_blocking=True)).to(dtype)
             eps = torch.zeros(micro * world, dim, device=device) if cfg.model.deterministic_text else keyed_noise(
-                (cfg.data.seed, "train", step, micro_in_step), micro * world, dim, cfg.model.stochastic_prior,
-                cfg.model.stochastic_prior_std).to(device)
+                (cfg.data.seed, "train", step, micro_in_step), torch.arange(micro * world), 1, dim,
+                cfg.model.stochastic_prior, cfg.model.stochastic_prior_std, device)[:, 0]
             video_ids = None
             if cfg.train.multi_positive:  # the global batch's video of every pair, as 63-bit key hashes
                 local = torch.tensor([key_hash(k) for k in batch["keys"]], dtype=torch.long, device=device)

@@ -35,9 +35,9 @@ class VideoSide:
     proj_rows: torch.Tensor | None  # Z [N_v, F, D] in training, else None
     gram: torch.Tensor  # G [N_v, F, F], in at least float32
 
-    def __getitem__(self, sl: slice) -> "VideoSide":
-        return VideoSide(self.keys[sl], self.rows[sl], None if self.proj_rows is None else self.proj_rows[sl],
-                         self.gram[sl])
+    def __getitem__(self, idx: slice | torch.Tensor) -> "VideoSide":
+        return VideoSide(self.keys[idx], self.rows[idx], None if self.proj_rows is None else self.proj_rows[idx],
+                         self.gram[idx])
 
 
 class CrossAttention(nn.Module):
