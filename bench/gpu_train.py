@@ -5,7 +5,8 @@
    without activation checkpointing), at the largest per-GPU batch of 8/16/32/64 that fits. FLOPs are counted
    from the model's shapes (printed). The same model trained as upstream trains it (fp32, plain PyTorch AdamW,
    batch 32, no ZeRO) gives the baseline ratio.
-2. The sharded evaluation of 1k x 1k with 20 trials (time, peak GPU memory).
+2. The sharded evaluation of 1k x 1k with 20 trials (time, peak GPU memory): per_text, then per_pair (compiled,
+   the first chunk's compilation included).
 3. The data pipeline on this machine's CPU cores, from local shards it builds: clips/s against the step's
    clips/s, i.e. whether the GPU would wait.
 Writes a JSON (--json) and prints a table. Without a GPU: `python bench/gpu_train.py --cpu --tiny` runs the same
@@ -135,7 +136,7 @@ def upstream_run(arch, frames, batch, device, warmup, steps) -> dict:
     return {"step_s": dt, "clips_per_s": batch / dt}
 
 
-def eval_run(n: int, trials: int, device) -> dict:
+def eval_run(n: int, trials: int, device, noise: str = "per_text") -> dict:
     from eval import Head  # bench/eval.py: the pooling and radius of T-MASS without the towers
 
     from tmass.config import EvalConfig
@@ -149,10 +150,11 @@ def eval_run(n: int, trials: int, device) -> dict:
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     t = time.perf_counter()
-    rank_all(head, enc, EvalConfig(stochastic_trials=trials, eval_chunk=1 << 18 if device.type == "cuda" else 16384),
-             24)
+    chunk = 1 << 18 if device.type == "cuda" else 16384
+    r = rank_all(head, enc, EvalConfig(stochastic_trials=trials, trial_noise=noise, eval_chunk=chunk), 24)
     sync(device)
-    out = {"n": n, "trials": trials, "seconds": time.perf_counter() - t}
+    out = {"n": n, "trials": trials, "noise": noise, "seconds": time.perf_counter() - t, "compiled": r["compiled"],
+           "first_chunk_s": r["first_chunk_s"]}
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -217,6 +219,7 @@ def main() -> None:
 
     if "eval" in parts:
         results["eval"] = eval_run(100 if a.tiny else 1000, 4 if a.tiny else 20, device)
+        results["eval_per_pair"] = eval_run(100 if a.tiny else 1000, 4 if a.tiny else 20, device, "per_pair")
         save("eval")
     if "train" in parts:
         # (ZeRO stage, activation checkpointing, --compile); compiled runs start at the largest batch that fitted
@@ -288,9 +291,11 @@ def main() -> None:
         print(line)
     elif up:
         print(f"upstream-style fp32 plain PyTorch, batch {up['batch']}: {up['error']}")
-    if e := results.get("eval"):
-        print(f"evaluation {e['n']} x {e['n']}, {e['trials']} trials: {e['seconds']:.2f} s"
-              + (f", peak GPU memory {e['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in e else ""))
+    for e in (results.get("eval"), results.get("eval_per_pair")):
+        if e:
+            print(f"evaluation {e['n']} x {e['n']}, {e['trials']} trials, {e['noise']}: {e['seconds']:.2f} s"
+                  + (f" (compiled; its first chunk {e['first_chunk_s']:.2f} s)" if e["compiled"] else "")
+                  + (f", peak GPU memory {e['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in e else ""))
     if lr := results.get("loader"):
         best_rate = max((r["clips_per_s"] for r in results["train"]), default=None)
         line = f"data pipeline, {lr['workers']} workers: {lr['clips_per_s']:.1f} clips/s"
