@@ -117,26 +117,34 @@ def per_pair_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps
     return (base[..., None] + a) * inv_norm[..., None] / norm2.clamp_min(1e-12).sqrt()
 
 
+def pooled(model, t: torch.Tensor, side: VideoSide) -> torch.Tensor:
+    """psi(v_i | t_j) [c_t, c_v, D], fp32, not normalised, for texts t [c_t, D] and a chunk of videos."""
+    pdtype = next(model.pool_frames.parameters()).dtype
+    return model.pool_frames.pool(t.to(pdtype), side, text_major=True).float()
+
+
 def pair_terms(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor):
     """For texts t [c_t, D] and a chunk of videos (frames f, pooling half `side`): t, R(t_j, v_i) and
-    psi(v_i | t_j) (not normalised), the last two [c_t, c_v, D], all fp32."""
-    pdtype = next(model.pool_frames.parameters()).dtype
-    p = model.pool_frames.pool(t.to(pdtype), side, text_major=True).float()
+    psi(v_i | t_j), the last two [c_t, c_v, D], all fp32."""
+    p = pooled(model, t, side)
     t = t.float()
     return t, model.radius(all_cosines(t, f)), p
 
 
-def trial_noise(noise, prior: str, std: float) -> torch.Tensor:
+def draw_eps(noise, prior: str, std: float) -> torch.Tensor:
     """per_text: eps [c_t, M, D] as given; per_pair: (keys [c_t, c_v], table) -> eps [c_t, c_v, M, D]."""
     return noise if isinstance(noise, torch.Tensor) else counter_noise(*noise, prior, std)
+
+
+def trial_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """cos [c_t, c_v, M] with per_text eps [c_t, M, D] or per_pair eps [c_t, c_v, M, D]."""
+    return per_text_cosines(t, radius, p, eps) if eps.dim() == 3 else per_pair_cosines(t, radius, p, eps)
 
 
 def best_trial(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, noise, prior: str, std: float) -> torch.Tensor:
     """score(j, i) = max_m cos(t_j + R_ji * eps_jim, psi(v_i | t_j)) [c_t, c_v]. This is what --eval_compile
     compiles: per_pair eps is then drawn inside the kernel that uses it."""
-    eps = trial_noise(noise, prior, std)
-    cos = per_text_cosines(t, radius, p, eps) if eps.dim() == 3 else per_pair_cosines(t, radius, p, eps)
-    return cos.max(dim=-1).values
+    return trial_cosines(t, radius, p, draw_eps(noise, prior, std)).max(dim=-1).values
 
 
 def leaky_scores(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor, noise, prior: str, std: float,
@@ -144,13 +152,12 @@ def leaky_scores(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor, noise
     """--eval_protocol upstream (leaky): the trial is chosen against psi(v_i | t_j), then scored against the
     candidate pooled with its own caption, psi(v_i | t_i) (own_hat [c_v, D], normalised)."""
     t, radius, p = pair_terms(model, t, side, f)
-    eps = trial_noise(noise, prior, std)
+    eps = draw_eps(noise, prior, std)
     c_t, c_v, dim = len(t), len(own_hat), t.shape[1]
+    best = trial_cosines(t, radius, p, eps).argmax(dim=-1)  # [c_t, c_v]
     if eps.dim() == 3:
-        best = per_text_cosines(t, radius, p, eps).argmax(dim=-1)  # [c_t, c_v]
         eps_best = eps.gather(1, best.reshape(c_t, -1, 1).expand(-1, -1, dim)).view(c_t, c_v, dim)
     else:
-        best = per_pair_cosines(t, radius, p, eps).argmax(dim=-1)
         eps_best = eps.gather(2, best[..., None, None].expand(-1, -1, 1, dim)).squeeze(2)
     chosen = F.normalize(t[:, None] + radius * eps_best, dim=-1)
     return torch.einsum("tvd,vd->tv", chosen, own_hat)
@@ -158,9 +165,8 @@ def leaky_scores(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor, noise
 
 def deterministic_scores(model, t: torch.Tensor, side: VideoSide) -> torch.Tensor:
     """cos(t_j, psi(v_i | t_j)) [c_t, c_v]: the X-Pool baseline, no trials."""
-    pdtype = next(model.pool_frames.parameters()).dtype
-    p = model.pool_frames.pool(t.to(pdtype), side, text_major=True).float()
-    return torch.bmm(F.normalize(p, dim=-1), F.normalize(t.float(), dim=-1)[:, :, None]).squeeze(-1)
+    p = F.normalize(pooled(model, t, side), dim=-1)
+    return torch.bmm(p, F.normalize(t.float(), dim=-1)[:, :, None]).squeeze(-1)
 
 
 _compiled: dict = {}
@@ -170,9 +176,8 @@ def _scorer(cfg: EvalConfig, pairs: int):
     """best_trial, compiled (torch.compile: C++/OpenMP on CPU, Triton on GPU) for per_pair when --eval_compile
     asks or, for auto, when the test set has at least AUTO_COMPILE_PAIRS pairs. The kernel then draws each eps
     where it is used, instead of writing M x D numbers per pair to memory (1k x 1k on 2 CPU cores: 65 s -> 8 s,
-    bench/eval.py). per_text is
-    batched matrix products already, and compiling it gained nothing there, so it stays eager.
-    Returns (function, compiled?)."""
+    bench/eval.py). per_text is batched matrix products already, and compiling it gained nothing there, so it
+    stays eager. Returns (function, compiled?)."""
     per_pair = cfg.trial_noise == "per_pair"
     if not per_pair or cfg.eval_compile == "no" or (cfg.eval_compile == "auto" and pairs < AUTO_COMPILE_PAIRS):
         return best_trial, False
@@ -184,9 +189,9 @@ def _scorer(cfg: EvalConfig, pairs: int):
 def _compile_failed(cfg: EvalConfig, e: Exception):
     """--eval_compile yes stops with the fix; auto warns and goes on with the eager scorer."""
     if cfg.eval_compile == "yes":
-        raise SystemExit(f"error: --eval_compile yes, but torch.compile failed ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); install a C++ "
-                         f"compiler (g++) for CPU runs, or pass --eval_compile no") from e
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        raise SystemExit(f"error: --eval_compile yes, but torch.compile failed ({type(e).__name__}: {first_line}); "
+                         f"install a C++ compiler (g++) for CPU runs, or pass --eval_compile no") from e
     print(f"warning: torch.compile failed ({type(e).__name__}); scoring without it (--eval_compile no silences "
           f"this)", file=sys.stderr)
 

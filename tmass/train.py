@@ -431,8 +431,8 @@ def train(cfg: Config) -> dict:
         _log(logfile, f"stopped by a signal at step {step}: checkpoint saved; rerun the same command to resume")
     else:
         validate()
-    summary = {"step": step, "epoch": epoch, "world": world,
-               "best": {k: v for k, v in best.items() if k != "results"}, "stopped_by": stopped_by, "run_dir": out, "checkpoints": ckpt_dir,
+    summary = {"step": step, "epoch": epoch, "world": world, "best": {k: v for k, v in best.items() if k != "results"},
+               "stopped_by": stopped_by, "run_dir": out, "checkpoints": ckpt_dir,
                "tensorboard": os.path.join(out, "tb"), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
     if rank == 0:
         with open(os.path.join(out, "summary.json"), "w") as f:
