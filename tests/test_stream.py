@@ -230,7 +230,7 @@ def write_bad_shard(path):
     with wds.TarWriter(str(path)) as w:
         w.write({"__key__": "good1", "mp4": good, "json": meta("good1")})
         w.write({"__key__": "truncated", "mp4": good[:len(good) // 3], "json": meta("t")})
-        w.write({"__key__": "garbage", "mp4": os.urandom(5000), "json": meta("g")})
+        w.write({"__key__": "garbage", "mp4": random.Random(0).randbytes(5000), "json": meta("g")})
         w.write({"__key__": "zeroframes", "mp4": undecodable_clip(), "json": meta("z")})
         w.write({"__key__": "nocaption", "mp4": good, "json": json.dumps({"captions": []}).encode()})
         w.write({"__key__": "novideo", "json": meta("n")})

@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -92,59 +93,92 @@ def encode(model, batches, device: torch.device, autocast_dtype: torch.dtype | N
 AUTO_COMPILE_PAIRS = 10**5  # --eval_compile auto compiles per_pair from ~300 x 300 pairs (a cold compile: ~10 s)
 
 
-def per_text_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+class TextTrials(NamedTuple):
+    """per_text noise of a block of texts t [c_t, D], with the products that every chunk of videos reuses."""
+    eps: torch.Tensor  # [c_t, M, D]
+    eps_t: torch.Tensor  # eps^T [c_t, D, M]
+    t_eps: torch.Tensor  # (t * eps)^T [c_t, D, M]
+    eps2: torch.Tensor  # (eps * eps)^T [c_t, D, M]
+
+    @classmethod
+    def make(cls, t: torch.Tensor, eps: torch.Tensor) -> "TextTrials":
+        return cls(eps, eps.transpose(1, 2), (t.float()[:, None, :] * eps).transpose(1, 2),
+                   (eps * eps).transpose(1, 2))
+
+
+def per_text_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, trials: TextTrials,
+                     in_place: bool = False) -> torch.Tensor:
     """cos(t_j + R_ji * eps_jm, p_ji) for all m, as batched products (nothing of size [pairs, M, D] is made):
-        (t.p + (R*p).eps) / (|p| sqrt(|t|^2 + 2 R.(t*eps) + (R*R).(eps*eps)))
-    t [c_t, D], radius and p [c_t, c_v, D], eps [c_t, M, D] -> [c_t, c_v, M]."""
-    inv_norm = torch.linalg.vector_norm(p, dim=-1).clamp_min(1e-12).reciprocal()  # 1 / |p| [c_t, c_v]
+        (t.p + (R*p).eps) / sqrt(|t|^2 + 2 R.(t*eps) + (R*R).(eps*eps))      (|p| = 1)
+    t [c_t, D], radius and unit p [c_t, c_v, D], the texts' trials (eps [c_t, M, D]) -> [c_t, c_v, M].
+    in_place: radius and p are scratch (a Workspace's), overwritten with R*R and R*p instead of new tensors."""
     base = torch.bmm(p, t[:, :, None]).squeeze(-1)  # t.p [c_t, c_v]
-    a = torch.bmm(radius * p, eps.transpose(1, 2))  # (R*p).eps [c_t, c_v, M]
-    b = torch.bmm(radius, (t[:, None, :] * eps).transpose(1, 2))  # (t*R).eps, with t*eps made per text
-    c = torch.bmm(radius * radius, (eps * eps).transpose(1, 2))
+    b = torch.bmm(radius, trials.t_eps)  # (t*R).eps [c_t, c_v, M]
+    a = torch.bmm(p.mul_(radius) if in_place else p * radius, trials.eps_t)  # (R*p).eps
+    c = torch.bmm(radius.square_() if in_place else radius * radius, trials.eps2)  # (R*R).(eps*eps)
     norm2 = (t * t).sum(-1)[:, None, None] + 2 * b + c
-    return (base[..., None] + a) * inv_norm[..., None] / norm2.clamp_min(1e-12).sqrt()
+    return (base[..., None] + a) * norm2.clamp_min(1e-12).rsqrt()
 
 
 def per_pair_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """The same formula with an eps of its own for every pair: eps [c_t, c_v, M, D] -> [c_t, c_v, M]. Written as
+    """The same formula (|p| = 1) with an eps of its own for every pair: eps [c_t, c_v, M, D] -> [c_t, c_v, M]. As
     sums over D, which a compiled kernel fuses with the drawing of eps: nothing of size [pairs, M, D] is stored."""
-    inv_norm = torch.linalg.vector_norm(p, dim=-1).clamp_min(1e-12).reciprocal()
     base = (p * t[:, None, :]).sum(-1)
     a = (eps * (radius * p)[:, :, None, :]).sum(-1)  # (R*p).eps
     b = (eps * (radius * t[:, None, :])[:, :, None, :]).sum(-1)  # (t*R).eps
     c = (eps * eps * (radius * radius)[:, :, None, :]).sum(-1)  # (R*R).(eps*eps)
     norm2 = (t * t).sum(-1)[:, None, None] + 2 * b + c
-    return (base[..., None] + a) * inv_norm[..., None] / norm2.clamp_min(1e-12).sqrt()
+    return (base[..., None] + a) * norm2.clamp_min(1e-12).rsqrt()
 
 
-def pooled(model, t: torch.Tensor, side: VideoSide) -> torch.Tensor:
-    """psi(v_i | t_j) [c_t, c_v, D], fp32, not normalised, for texts t [c_t, D] and a chunk of videos."""
+class Workspace:
+    """Flat fp32 buffers that every chunk reuses for its [c_t, c_v, D] terms (psi and R): fresh 17 MB tensors
+    for every term of every chunk cost page faults and cold caches."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bufs = device, {}
+
+    def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        n = math.prod(shape)
+        if name not in self.bufs or self.bufs[name].numel() < n:
+            self.bufs[name] = torch.empty(n, dtype=torch.float32, device=self.device)
+        return self.bufs[name][:n].view(shape)
+
+
+def pooled(model, t: torch.Tensor, side: VideoSide, ws: Workspace | None = None) -> torch.Tensor:
+    """psi(v_i | t_j) / |psi| [c_t, c_v, D] (a view of [c_v, c_t, D]), fp32, for texts t [c_t, D] and a chunk of
+    videos; written into `ws` where given."""
     pdtype = next(model.pool_frames.parameters()).dtype
-    return model.pool_frames.pool(t.to(pdtype), side, text_major=True).float()
+    out = ws("psi", len(side.keys), len(t), t.shape[1]) if ws is not None else None
+    return model.pool_frames.pool(t.to(pdtype), side, text_major=True, unit=True, out=out).float()
 
 
-def pair_terms(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor):
+def pair_terms(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor, ws: Workspace | None = None):
     """For texts t [c_t, D] and a chunk of videos (frames f, pooling half `side`): t, R(t_j, v_i) and
-    psi(v_i | t_j), the last two [c_t, c_v, D], all fp32."""
-    p = pooled(model, t, side)
+    psi(v_i | t_j) / |psi|, the last two [c_t, c_v, D], all fp32 (written into `ws` where given)."""
+    p = pooled(model, t, side, ws)
     t = t.float()
-    return t, model.radius(all_cosines(t, f)), p
+    out = ws("radius", len(t), len(f), t.shape[1]) if ws is not None else None
+    return t, model.radius(all_cosines(t, f), out=out), p
 
 
-def draw_eps(noise, prior: str, std: float) -> torch.Tensor:
-    """per_text: eps [c_t, M, D] as given; per_pair: (keys [c_t, c_v], table) -> eps [c_t, c_v, M, D]."""
-    return noise if isinstance(noise, torch.Tensor) else counter_noise(*noise, prior, std)
+def draw_eps(noise, prior: str, std: float):
+    """per_text: TextTrials as given; per_pair: (keys [c_t, c_v], table) -> eps [c_t, c_v, M, D]."""
+    return noise if isinstance(noise, TextTrials) else counter_noise(*noise, prior, std)
 
 
-def trial_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """cos [c_t, c_v, M] with per_text eps [c_t, M, D] or per_pair eps [c_t, c_v, M, D]."""
-    return per_text_cosines(t, radius, p, eps) if eps.dim() == 3 else per_pair_cosines(t, radius, p, eps)
+def trial_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps, in_place: bool = False):
+    """cos [c_t, c_v, M] with per_text TextTrials or per_pair eps [c_t, c_v, M, D]; in_place: see per_text."""
+    if isinstance(eps, TextTrials):
+        return per_text_cosines(t, radius, p, eps, in_place)
+    return per_pair_cosines(t, radius, p, eps)
 
 
-def best_trial(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, noise, prior: str, std: float) -> torch.Tensor:
+def best_trial(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, noise, prior: str, std: float,
+               in_place: bool = False) -> torch.Tensor:
     """score(j, i) = max_m cos(t_j + R_ji * eps_jim, psi(v_i | t_j)) [c_t, c_v]. This is what --eval_compile
-    compiles: per_pair eps is then drawn inside the kernel that uses it."""
-    return trial_cosines(t, radius, p, draw_eps(noise, prior, std)).max(dim=-1).values
+    compiles (per_pair): eps is then drawn inside the kernel that uses it."""
+    return trial_cosines(t, radius, p, draw_eps(noise, prior, std), in_place).max(dim=-1).values
 
 
 def leaky_scores(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor, noise, prior: str, std: float,
@@ -155,8 +189,8 @@ def leaky_scores(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor, noise
     eps = draw_eps(noise, prior, std)
     c_t, c_v, dim = len(t), len(own_hat), t.shape[1]
     best = trial_cosines(t, radius, p, eps).argmax(dim=-1)  # [c_t, c_v]
-    if eps.dim() == 3:
-        eps_best = eps.gather(1, best.reshape(c_t, -1, 1).expand(-1, -1, dim)).view(c_t, c_v, dim)
+    if isinstance(eps, TextTrials):
+        eps_best = eps.eps.gather(1, best.reshape(c_t, -1, 1).expand(-1, -1, dim)).view(c_t, c_v, dim)
     else:
         eps_best = eps.gather(2, best[..., None, None].expand(-1, -1, 1, dim)).squeeze(2)
     chosen = F.normalize(t[:, None] + radius * eps_best, dim=-1)
@@ -165,8 +199,7 @@ def leaky_scores(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor, noise
 
 def deterministic_scores(model, t: torch.Tensor, side: VideoSide) -> torch.Tensor:
     """cos(t_j, psi(v_i | t_j)) [c_t, c_v]: the X-Pool baseline, no trials."""
-    p = F.normalize(pooled(model, t, side), dim=-1)
-    return torch.bmm(p, F.normalize(t.float(), dim=-1)[:, :, None]).squeeze(-1)
+    return torch.bmm(pooled(model, t, side), F.normalize(t.float(), dim=-1)[:, :, None]).squeeze(-1)
 
 
 _compiled: dict = {}
@@ -222,16 +255,18 @@ def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: i
     c_t = max(1, min(len(rows), math.isqrt(max(1, pairs))))
     c_v = max(1, min(n_v, pairs // c_t))
     pdtype = next(model.pool_frames.parameters()).dtype
-    side = model.pool_frames.video_side(enc.frames.to(pdtype))  # once per video: O(N_v F D), like the frames
+    side = model.pool_frames.video_side(enc.frames.to(pdtype), block=64)  # once per video: O(N_v F D)
     m, dim = cfg.stochastic_trials, enc.text.shape[1]
     prior, std = model.cfg.stochastic_prior, model.cfg.stochastic_prior_std
     table = noise_table((seed, "pair"), m, dim, device) if per_pair else None
+    ws = Workspace(device)
     t0, first = time.perf_counter(), True
     for a in range(0, len(rows), c_t):
         n_ids = min(c_t, len(rows) - a)
         ids = rows[_block(a, a + n_ids, c_t, compiled, device)]  # global text ids
         t = enc.text[ids]
-        eps = keyed_noise((seed, "text"), ids, m, dim, prior, std, device) if stochastic and not per_pair else None
+        eps = TextTrials.make(t, keyed_noise((seed, "text"), ids, m, dim, prior, std, device)) \
+            if stochastic and not per_pair else None
         for v in range(0, n_v, c_v):
             n_vids = min(c_v, n_v - v)
             vids = _block(v, v + n_vids, c_v, compiled, device)
@@ -245,8 +280,9 @@ def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: i
             elif own_hat is not None:
                 s = leaky_scores(model, t, side[vids], enc.frames[vids], noise, prior, std, own_hat[vids])
             else:
-                try:  # the first compiled call compiles (and nothing holds the chunk's [c_t, c_v, D] terms after)
-                    s = score(*pair_terms(model, t, side[vids], enc.frames[vids]), noise, prior, std)
+                try:  # the first compiled call compiles
+                    terms = pair_terms(model, t, side[vids], enc.frames[vids], ws)
+                    s = score(*terms, noise, prior, std, in_place=not compiled)  # terms: ws's scratch
                 except Exception as e:  # noqa: BLE001 (no C++ compiler, an unsupported backend, ...)
                     if not (compiled and first):
                         raise

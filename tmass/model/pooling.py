@@ -14,13 +14,17 @@ linear in a, so with the centred rows c_f = u'_f - mean_D(u'_f) and the F x F Gr
     h   = (1/s) sum_f a_f H_f + beta2,         H_f = gamma2 * c_f,  s = sqrt(a^T G a / D + eps_LN)
     W_l h + b_l = (1/s) sum_f a_f Z_f + W_l beta2 + b_l,             Z_f = W_l H_f
 H, Z and G are made once per video ([N_v, F, D], [N_v, F, F]); a pair then costs O(F D + F^2) instead of the
-O(D^2) of W_l applied to every pair. Out of training (Dropout is the identity) the two sums are one, over
-Y_f = H_f + Z_f.
+O(D^2) of W_l applied to every pair. That is the training branch (Dropout sits between the two sums).
+Out of training the sums are one, z = sum_f w_f Y_f + c0 (w = a / s, Y_f = H_f + Z_f, c0 = beta2 + W_l beta2 + b_l),
+and LN3 folds in the same way: with the rows X = [Y; c0] centred over D and their (F+1) x (F+1) Gram G3,
+    psi = LN3(z) = sum_k (x_k / s3) gamma3 * X_k + beta3,   x = [w, 1],  s3 = sqrt(x^T G3 x / D + eps_LN)
+so psi(v_i | t_j) = c_ij B_i: coefficients c = [x / s3, 1] [N_v, N_t, F+2] times a basis B = [gamma3 * X; beta3]
+[N_v, F+2, D] made once per video. A pair costs one O(F D) product, which writes psi and nothing else.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -31,13 +35,16 @@ class VideoSide:
     """What the pooling needs of a chunk of videos, made once (see the module's docstring)."""
 
     keys: torch.Tensor  # k [N_v, F, D]
-    rows: torch.Tensor  # H [N_v, F, D] in training, Y = H + Z out of it
-    proj_rows: torch.Tensor | None  # Z [N_v, F, D] in training, else None
+    rows: torch.Tensor  # training: H [N_v, F, D]; out of it: the basis B [N_v, F+2, D], in at least float32
+    proj_rows: torch.Tensor | None  # training: Z [N_v, F, D]; else None
     gram: torch.Tensor  # G [N_v, F, F], in at least float32
+    gram3: torch.Tensor | None = None  # out of training: G3 [N_v, F+1, F+1]
+
+    def parts(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f.name) for f in fields(self)]
 
     def __getitem__(self, idx: slice | torch.Tensor) -> "VideoSide":
-        return VideoSide(self.keys[idx], self.rows[idx], None if self.proj_rows is None else self.proj_rows[idx],
-                         self.gram[idx])
+        return VideoSide(*(None if x is None else x[idx] for x in self.parts()))
 
 
 class CrossAttention(nn.Module):
@@ -52,9 +59,10 @@ class CrossAttention(nn.Module):
         return self.out_proj(self.v_proj(frames))
 
     def weights(self, text: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """a = softmax_F(k q / sqrt(D)): text [N_t, D] (normalised), keys [N_v, F, D] -> [N_v, N_t, F]."""
+        """a = softmax_F(k q / sqrt(D)): text [N_t, D] (normalised), keys [N_v, F, D] -> [N_v, N_t, F], a view of
+        [N_v, F, N_t] (a softmax over a last axis of F = 12 is ~10x slower on the CPU)."""
         q = self.q_proj(text)
-        return (torch.einsum("vfd,td->vtf", keys, q) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+        return (torch.einsum("vfd,td->vft", keys, q) / math.sqrt(q.shape[-1])).softmax(dim=1).transpose(1, 2)
 
 
 class TextConditionedPool(nn.Module):
@@ -71,8 +79,21 @@ class TextConditionedPool(nn.Module):
             if "proj" in name:  # q/k/v/out_proj and linear_proj: identity weights, zero biases
                 nn.init.eye_(p) if p.dim() == 2 else nn.init.zeros_(p)
 
-    def video_side(self, frames: torch.Tensor) -> VideoSide:
-        """frames [N_v, F, D] -> keys, rows and Gram of every video (the per-video half of the pooling)."""
+    def video_side(self, frames: torch.Tensor, block: int = 0) -> VideoSide:
+        """frames [N_v, F, D] -> keys, rows and Grams of every video (the per-video half of the pooling).
+        block > 0 (inference): `block` videos at a time, written into the outputs, so that the ~10 intermediates
+        of [N_v, F, D] are only ever made for a block (1k videos: 270 MB -> 40 MB above the outputs)."""
+        if 0 < block < len(frames):
+            out = None
+            for i in range(0, len(frames), block):
+                part = self.video_side(frames[i:i + block])
+                if out is None:
+                    out = VideoSide(*(None if x is None else x.new_empty((len(frames), *x.shape[1:]))
+                                      for x in part.parts()))
+                for o, x in zip(out.parts(), part.parts()):
+                    if o is not None:
+                        o[i:i + len(x)] = x
+            return out
         f = self.layer_norm1(frames)
         u = self.cross_attn.values(f)
         c = u - u.mean(dim=-1, keepdim=True)  # centred values c_f
@@ -83,21 +104,46 @@ class TextConditionedPool(nn.Module):
         keys = self.cross_attn.k_proj(f)
         if self.training:
             return VideoSide(keys, rows, proj, gram)
-        return VideoSide(keys, rows + proj, None, gram)
-
-    def pool(self, text: torch.Tensor, side: VideoSide, text_major: bool = False) -> torch.Tensor:
-        """text [N_t, D] against prepared videos -> psi [N_v, N_t, D] ([N_t, N_v, D] if text_major); O(F D + F^2)
-        per pair. The 1/s of LN2 scales the F attention weights, and each sum is one batched product."""
-        a = self.cross_attn.weights(self.layer_norm1(text), side.keys)  # [N_v, N_t, F]
-        af = a.to(side.gram.dtype)
-        var = torch.einsum("vtf,vfg,vtg->vt", af, side.gram, af) / side.keys.shape[-1]  # a^T G a / D
-        a = a * torch.rsqrt(var + self.layer_norm2.eps).to(a.dtype)[..., None]  # a_f / s
         beta2, wl, bl = self.layer_norm2.bias, self.linear_proj.weight, self.linear_proj.bias
-        if side.proj_rows is None:  # z = h + W_l h + b_l = sum_f (a_f / s) Y_f + beta2 + W_l beta2 + b_l
-            z = torch.baddbmm(beta2 + beta2 @ wl.T + bl, a, side.rows)
-        else:  # z = h + Dropout(W_l h + b_l)
-            z = torch.baddbmm(beta2, a, side.rows) + self.dropout(torch.baddbmm(beta2 @ wl.T + bl, a, side.proj_rows))
-        return self.layer_norm3(z.transpose(0, 1) if text_major else z)
+        c0 = (beta2 + beta2 @ wl.T + bl).to(c32.dtype).expand(len(c), 1, -1)
+        x = torch.cat([(rows + proj).to(c32.dtype), c0], dim=1)  # X = [Y; c0] [N_v, F+1, D]
+        x = x - x.mean(dim=-1, keepdim=True)
+        gram3 = torch.einsum("vfd,vgd->vfg", x, x)  # G3 [N_v, F+1, F+1]
+        beta3 = self.layer_norm3.bias.to(c32.dtype).expand(len(c), 1, -1)
+        basis = torch.cat([self.layer_norm3.weight * x, beta3], dim=1)  # B = [gamma3 * X; beta3] [N_v, F+2, D]
+        return VideoSide(keys, basis, None, gram, gram3)
+
+    def _attention(self, text: torch.Tensor, side: VideoSide) -> torch.Tensor:
+        """a_f / s [N_v, N_t, F]: the attention weights with LN2's 1/s, in the Gram's dtype."""
+        a = self.cross_attn.weights(self.layer_norm1(text), side.keys).to(side.gram.dtype)  # [N_v, N_t, F]
+        var = torch.einsum("vtf,vfg,vtg->vt", a, side.gram, a) / side.keys.shape[-1]  # a^T G a / D
+        return a * torch.rsqrt(var + self.layer_norm2.eps)[..., None]
+
+    def coefficients(self, text: torch.Tensor, side: VideoSide) -> torch.Tensor:
+        """Out of training: c [N_v, N_t, F+2] with psi(v_i | t_j) = c_ij B_i. O(F^2) per pair."""
+        w = self._attention(text, side)
+        one = torch.ones_like(w[..., :1])
+        x = torch.cat([w, one], dim=-1)  # [w, 1]
+        var = torch.einsum("vtf,vfg,vtg->vt", x, side.gram3, x) / side.keys.shape[-1]  # x^T G3 x / D
+        return torch.cat([x * torch.rsqrt(var + self.layer_norm3.eps)[..., None], one], dim=-1)
+
+    def pool(self, text: torch.Tensor, side: VideoSide, text_major: bool = False, unit: bool = False,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """text [N_t, D] against prepared videos -> psi [N_v, N_t, D] (a [N_t, N_v, D] view if text_major);
+        O(F D + F^2) per pair. unit: psi / |psi|, out of training through the coefficients,
+        |psi|^2 = c^T (B B^T) c. `out` [N_v, N_t, D]: a buffer to write psi into, out of training."""
+        if side.gram3 is not None:  # psi = c B: one batched product
+            c = self.coefficients(text, side)
+            if unit:
+                c = c * torch.einsum("vtk,vkl,vtl->vt", c, side.rows @ side.rows.transpose(1, 2), c).rsqrt()[..., None]
+            z = torch.bmm(c, side.rows, out=out)
+        else:  # training: z = h + Dropout(W_l h + b_l), h = sum_f (a_f / s) H_f + beta2
+            a = self._attention(text, side).to(side.rows.dtype)
+            beta2, wl, bl = self.layer_norm2.bias, self.linear_proj.weight, self.linear_proj.bias
+            z = self.layer_norm3(torch.baddbmm(beta2, a, side.rows)
+                                 + self.dropout(torch.baddbmm(beta2 @ wl.T + bl, a, side.proj_rows)))
+            z = nn.functional.normalize(z, dim=-1) if unit else z
+        return z.transpose(0, 1) if text_major else z
 
     def forward(self, text: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """text [N_t, D], frames [N_v, F, D] -> pooled videos [N_v, N_t, D]."""

@@ -41,11 +41,16 @@ class SimilarityRadius(nn.Module):
         nn.init.eye_(self.linear_proj.weight)
         nn.init.zeros_(self.linear_proj.bias)
 
-    def forward(self, sims: torch.Tensor) -> torch.Tensor:
-        """S [..., F] -> R [..., D], in fp32."""
+    def forward(self, sims: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """S [..., F] -> R [..., D], in fp32. `out`: a contiguous fp32 buffer of R's shape to write R into, for
+        inference (the bias enters as one more weight row against a constant 1: a product that only writes)."""
         w, b = self.linear_proj.weight.float(), self.linear_proj.bias.float()
         with torch.autocast(sims.device.type, enabled=False):
-            return F.linear(sims.float(), w, b).exp()
+            if out is None:
+                return F.linear(sims.float(), w, b).exp()
+            s1 = torch.cat([sims.float(), torch.ones_like(sims[..., :1], dtype=torch.float32)], dim=-1)  # [S, 1]
+            r = torch.mm(s1.view(-1, s1.shape[-1]), torch.cat([w.T, b[None]]), out=out.view(-1, w.shape[0]))
+            return r.exp_().view(out.shape)
 
 
 # ----------------------------------------------------------------------------------- counter-based noise
