@@ -39,8 +39,9 @@ def test_pooling_against_a_loop_for_unequal_texts_and_videos():
         for j in range(3):
             torch.testing.assert_close(out[i, j], ref.pool_one(t[j], f[i], sd), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(pool(t[1:], f[2:4]), out[2:4, 1:])  # a chunk of texts x a chunk of videos
-    torch.testing.assert_close(pool.pool(t, pool.video_side(f, block=2)), out)  # the videos made 2 at a time
-    unit = pool.pool(t, pool.video_side(f), text_major=True, unit=True)  # |psi| through the coefficients
+    q = pool.text_side(t)
+    torch.testing.assert_close(pool.pool(q, pool.video_side(f, block=2)), out)  # the videos made 2 at a time
+    unit = pool.pool(q, pool.video_side(f), text_major=True, unit=True)  # |psi| through the coefficients
     torch.testing.assert_close(unit, out.transpose(0, 1) / out.norm(dim=-1).T[..., None], rtol=1e-10, atol=1e-10)
 
 

@@ -145,18 +145,18 @@ class Workspace:
         return self.bufs[name][:n].view(shape)
 
 
-def pooled(model, t: torch.Tensor, side: VideoSide, ws: Workspace | None = None) -> torch.Tensor:
-    """psi(v_i | t_j) / |psi| [c_t, c_v, D] (a view of [c_v, c_t, D]), fp32, for texts t [c_t, D] and a chunk of
-    videos; written into `ws` where given."""
-    pdtype = next(model.pool_frames.parameters()).dtype
-    out = ws("psi", len(side.keys), len(t), t.shape[1]) if ws is not None else None
-    return model.pool_frames.pool(t.to(pdtype), side, text_major=True, unit=True, out=out).float()
+def pooled(model, q: torch.Tensor, side: VideoSide, ws: Workspace | None = None) -> torch.Tensor:
+    """psi(v_i | t_j) / |psi| [c_t, c_v, D] (a view of [c_v, c_t, D]), fp32, for the texts' pooling queries
+    q = pool_frames.text_side(t) [c_t, D] and a chunk of videos; written into `ws` where given."""
+    out = ws("psi", len(side.keys), len(q), q.shape[1]) if ws is not None else None
+    return model.pool_frames.pool(q, side, text_major=True, unit=True, out=out).float()
 
 
-def pair_terms(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor, ws: Workspace | None = None):
-    """For texts t [c_t, D] and a chunk of videos (frames f, pooling half `side`): t, R(t_j, v_i) and
-    psi(v_i | t_j) / |psi|, the last two [c_t, c_v, D], all fp32 (written into `ws` where given)."""
-    p = pooled(model, t, side, ws)
+def pair_terms(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor,
+               ws: Workspace | None = None):
+    """For texts t [c_t, D] (their pooling queries q) and a chunk of videos (frames f, pooling half `side`): t,
+    R(t_j, v_i) and psi(v_i | t_j) / |psi|, the last two [c_t, c_v, D], all fp32 (written into `ws` if given)."""
+    p = pooled(model, q, side, ws)
     t = t.float()
     out = ws("radius", len(t), len(f), t.shape[1]) if ws is not None else None
     return t, model.radius(all_cosines(t, f), out=out), p
@@ -181,11 +181,11 @@ def best_trial(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, noise, pr
     return trial_cosines(t, radius, p, draw_eps(noise, prior, std), in_place).max(dim=-1).values
 
 
-def leaky_scores(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor, noise, prior: str, std: float,
-                 own_hat: torch.Tensor) -> torch.Tensor:
+def leaky_scores(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor, noise, prior: str,
+                 std: float, own_hat: torch.Tensor) -> torch.Tensor:
     """--eval_protocol upstream (leaky): the trial is chosen against psi(v_i | t_j), then scored against the
     candidate pooled with its own caption, psi(v_i | t_i) (own_hat [c_v, D], normalised)."""
-    t, radius, p = pair_terms(model, t, side, f)
+    t, radius, p = pair_terms(model, t, q, side, f)
     eps = draw_eps(noise, prior, std)
     c_t, c_v, dim = len(t), len(own_hat), t.shape[1]
     best = trial_cosines(t, radius, p, eps).argmax(dim=-1)  # [c_t, c_v]
@@ -197,9 +197,9 @@ def leaky_scores(model, t: torch.Tensor, side: VideoSide, f: torch.Tensor, noise
     return torch.einsum("tvd,vd->tv", chosen, own_hat)
 
 
-def deterministic_scores(model, t: torch.Tensor, side: VideoSide) -> torch.Tensor:
+def deterministic_scores(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide) -> torch.Tensor:
     """cos(t_j, psi(v_i | t_j)) [c_t, c_v]: the X-Pool baseline, no trials."""
-    return torch.bmm(pooled(model, t, side), F.normalize(t.float(), dim=-1)[:, :, None]).squeeze(-1)
+    return torch.bmm(pooled(model, q, side), F.normalize(t.float(), dim=-1)[:, :, None]).squeeze(-1)
 
 
 _compiled: dict = {}
@@ -265,6 +265,7 @@ def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: i
         n_ids = min(c_t, len(rows) - a)
         ids = rows[_block(a, a + n_ids, c_t, compiled, device)]  # global text ids
         t = enc.text[ids]
+        q = model.pool_frames.text_side(t.to(pdtype))  # the texts' half of the pooling, once per block
         eps = TextTrials.make(t, keyed_noise((seed, "text"), ids, m, dim, prior, std, device)) \
             if stochastic and not per_pair else None
         for v in range(0, n_v, c_v):
@@ -276,12 +277,12 @@ def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: i
             else:
                 noise = eps
             if not stochastic:
-                s = deterministic_scores(model, t, side[vids])
+                s = deterministic_scores(model, t, q, side[vids])
             elif own_hat is not None:
-                s = leaky_scores(model, t, side[vids], enc.frames[vids], noise, prior, std, own_hat[vids])
+                s = leaky_scores(model, t, q, side[vids], enc.frames[vids], noise, prior, std, own_hat[vids])
             else:
                 try:  # the first compiled call compiles
-                    terms = pair_terms(model, t, side[vids], enc.frames[vids], ws)
+                    terms = pair_terms(model, t, q, side[vids], enc.frames[vids], ws)
                     s = score(*terms, noise, prior, std, in_place=not compiled)  # terms: ws's scratch
                 except Exception as e:  # noqa: BLE001 (no C++ compiler, an unsupported backend, ...)
                     if not (compiled and first):

@@ -39,6 +39,7 @@ class VideoSide:
     proj_rows: torch.Tensor | None  # training: Z [N_v, F, D]; else None
     gram: torch.Tensor  # G [N_v, F, F], in at least float32
     gram3: torch.Tensor | None = None  # out of training: G3 [N_v, F+1, F+1]
+    basis_gram: torch.Tensor | None = None  # out of training: B B^T [N_v, F+2, F+2], for |psi|
 
     def parts(self) -> list[torch.Tensor | None]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -58,11 +59,11 @@ class CrossAttention(nn.Module):
         = sum_f a_f u'_f, so the values are projected once per video, not once per (video, text) pair."""
         return self.out_proj(self.v_proj(frames))
 
-    def weights(self, text: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """a = softmax_F(k q / sqrt(D)): text [N_t, D] (normalised), keys [N_v, F, D] -> [N_v, N_t, F], a view of
+    def weights(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """a = softmax_F(k q / sqrt(D)): queries q [N_t, D], keys [N_v, F, D] -> [N_v, N_t, F], a view of
         [N_v, F, N_t] (a softmax over a last axis of F = 12 is ~10x slower on the CPU)."""
-        q = self.q_proj(text)
-        return (torch.einsum("vfd,td->vft", keys, q) / math.sqrt(q.shape[-1])).softmax(dim=1).transpose(1, 2)
+        logits = torch.einsum("vfd,td->vft", keys, queries) / math.sqrt(queries.shape[-1])
+        return logits.softmax(dim=1).transpose(1, 2)
 
 
 class TextConditionedPool(nn.Module):
@@ -111,34 +112,38 @@ class TextConditionedPool(nn.Module):
         gram3 = torch.einsum("vfd,vgd->vfg", x, x)  # G3 [N_v, F+1, F+1]
         beta3 = self.layer_norm3.bias.to(c32.dtype).expand(len(c), 1, -1)
         basis = torch.cat([self.layer_norm3.weight * x, beta3], dim=1)  # B = [gamma3 * X; beta3] [N_v, F+2, D]
-        return VideoSide(keys, basis, None, gram, gram3)
+        return VideoSide(keys, basis, None, gram, gram3, basis @ basis.transpose(1, 2))
 
-    def _attention(self, text: torch.Tensor, side: VideoSide) -> torch.Tensor:
+    def text_side(self, text: torch.Tensor) -> torch.Tensor:
+        """text [N_t, D] -> queries q = W_q LN1(t) + b_q [N_t, D] (the per-text half of the pooling)."""
+        return self.cross_attn.q_proj(self.layer_norm1(text))
+
+    def _attention(self, queries: torch.Tensor, side: VideoSide) -> torch.Tensor:
         """a_f / s [N_v, N_t, F]: the attention weights with LN2's 1/s, in the Gram's dtype."""
-        a = self.cross_attn.weights(self.layer_norm1(text), side.keys).to(side.gram.dtype)  # [N_v, N_t, F]
+        a = self.cross_attn.weights(queries, side.keys).to(side.gram.dtype)  # [N_v, N_t, F]
         var = torch.einsum("vtf,vfg,vtg->vt", a, side.gram, a) / side.keys.shape[-1]  # a^T G a / D
         return a * torch.rsqrt(var + self.layer_norm2.eps)[..., None]
 
-    def coefficients(self, text: torch.Tensor, side: VideoSide) -> torch.Tensor:
+    def coefficients(self, queries: torch.Tensor, side: VideoSide) -> torch.Tensor:
         """Out of training: c [N_v, N_t, F+2] with psi(v_i | t_j) = c_ij B_i. O(F^2) per pair."""
-        w = self._attention(text, side)
+        w = self._attention(queries, side)
         one = torch.ones_like(w[..., :1])
         x = torch.cat([w, one], dim=-1)  # [w, 1]
         var = torch.einsum("vtf,vfg,vtg->vt", x, side.gram3, x) / side.keys.shape[-1]  # x^T G3 x / D
         return torch.cat([x * torch.rsqrt(var + self.layer_norm3.eps)[..., None], one], dim=-1)
 
-    def pool(self, text: torch.Tensor, side: VideoSide, text_major: bool = False, unit: bool = False,
+    def pool(self, queries: torch.Tensor, side: VideoSide, text_major: bool = False, unit: bool = False,
              out: torch.Tensor | None = None) -> torch.Tensor:
-        """text [N_t, D] against prepared videos -> psi [N_v, N_t, D] (a [N_t, N_v, D] view if text_major);
-        O(F D + F^2) per pair. unit: psi / |psi|, out of training through the coefficients,
+        """Prepared texts (text_side) against prepared videos (video_side) -> psi [N_v, N_t, D] (a [N_t, N_v, D]
+        view if text_major); O(F D + F^2) per pair. unit: psi / |psi|, out of training through the coefficients,
         |psi|^2 = c^T (B B^T) c. `out` [N_v, N_t, D]: a buffer to write psi into, out of training."""
         if side.gram3 is not None:  # psi = c B: one batched product
-            c = self.coefficients(text, side)
+            c = self.coefficients(queries, side)
             if unit:
-                c = c * torch.einsum("vtk,vkl,vtl->vt", c, side.rows @ side.rows.transpose(1, 2), c).rsqrt()[..., None]
+                c = c * torch.einsum("vtk,vkl,vtl->vt", c, side.basis_gram, c).rsqrt()[..., None]
             z = torch.bmm(c, side.rows, out=out)
         else:  # training: z = h + Dropout(W_l h + b_l), h = sum_f (a_f / s) H_f + beta2
-            a = self._attention(text, side).to(side.rows.dtype)
+            a = self._attention(queries, side).to(side.rows.dtype)
             beta2, wl, bl = self.layer_norm2.bias, self.linear_proj.weight, self.linear_proj.bias
             z = self.layer_norm3(torch.baddbmm(beta2, a, side.rows)
                                  + self.dropout(torch.baddbmm(beta2 @ wl.T + bl, a, side.proj_rows)))
@@ -147,4 +152,4 @@ class TextConditionedPool(nn.Module):
 
     def forward(self, text: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """text [N_t, D], frames [N_v, F, D] -> pooled videos [N_v, N_t, D]."""
-        return self.pool(text, self.video_side(frames))
+        return self.pool(self.text_side(text), self.video_side(frames))
