@@ -53,7 +53,7 @@ class Head(torch.nn.Module):
 
 def features(n: int):
     g = torch.Generator().manual_seed(1)
-    return torch.randn(n, DIM, generator=g) * 5, torch.randn(n, F_FRAMES, DIM, generator=g) * 5
+    return torch.randn(n, DIM, generator=g).mul_(5), torch.randn(n, F_FRAMES, DIM, generator=g).mul_(5)
 
 
 def upstream_pool(pool, t: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:

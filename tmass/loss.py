@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .model.pooling import TextConditionedPool
 from .model.stochastic import paired_cosines, stochastic_text, support_text
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -48,7 +49,7 @@ def symmetric_infonce(s_rows: torch.Tensor, s_cols: torch.Tensor, offset: int, l
     return 0.5 * (multi(s_rows) + multi(s_cols))
 
 
-def tmass_loss(pool: Callable, radius: Callable, logit_scale: torch.Tensor, t_loc: torch.Tensor,
+def tmass_loss(pool: TextConditionedPool, radius: Callable, logit_scale: torch.Tensor, t_loc: torch.Tensor,
                f_loc: torch.Tensor, eps_all: torch.Tensor, *, offset: int = 0, gather: Gather | None = None,
                support_weight: float = 0.0, support_center: str = "upstream",
                video_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -61,8 +62,9 @@ def tmass_loss(pool: Callable, radius: Callable, logit_scale: torch.Tensor, t_lo
     f_all = f_loc if single else gather(f_loc)  # [B, F, D]
     b, rows = t_loc.shape[0], slice(offset, offset + t_loc.shape[0])
     r_all = radius(paired_cosines(t_all, f_all))  # [B, D], each text's radius from its own video
-    v_rows = pool(t_loc, f_all)  # [B, b, D]: every video pooled with each local text
-    v_cols = v_rows if single else pool(t_all, f_loc)  # [b, B, D]: each local video pooled with every text
+    q_all, side_all = pool.text_side(t_all), pool.video_side(f_all)  # each half of the pooling once per pair
+    v_rows = pool.pool(q_all[rows], side_all)  # [B, b, D]: every video pooled with each local text
+    v_cols = v_rows if single else pool.pool(q_all, side_all[rows])  # [b, B, D]: local videos, every text
 
     positives = None if video_ids is None else video_ids[rows, None] == video_ids[None, :]  # [b, B], symmetric
 
