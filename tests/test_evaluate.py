@@ -155,6 +155,13 @@ def test_upstream_protocol_shows_the_leak_and_refuses_multi_caption_sets():
         leaky = score_rows(model, enc, torch.arange(n), cfg, 24, own_caption_pooled(model, enc))
         results[name] = (metrics_from_ranks(t2v_ranks(free, torch.arange(n))),
                          metrics_from_ranks(t2v_ranks(leaky, torch.arange(n))), free, leaky)
+    model = tiny()
+    sd = head_state(model)
+    big = Encoded(torch.randn(70, D, generator=g), torch.randn(70, F, D, generator=g), torch.arange(70), [], {})
+    own = own_caption_pooled(model, big)  # two blocks of videos: 64 and 6
+    for i in (0, 1, 63, 64, 69):  # psi(v_i | t_i) / |psi|, float64 loop
+        expected = ref.pool_one(big.text[i].double(), big.frames[i].double(), sd)
+        torch.testing.assert_close(own[i].double(), expected / expected.norm(), rtol=1e-4, atol=1e-5)
     free_m, leaky_m, free, leaky = results["text-dependent"]
     assert not torch.allclose(free, leaky) and free_m != leaky_m
     _, _, free_b, leaky_b = results["text-blind"]
