@@ -37,7 +37,7 @@ from .config import EvalConfig
 from .data.transforms import normalize
 from .metrics import best_caption_scores, metrics_from_ranks, t2v_ranks
 from .model.pooling import VideoSide
-from .model.stochastic import all_cosines, counter_noise, keyed_noise, noise_table, row_keys
+from .model.stochastic import all_cosines, counter_noise, inverse_norms, keyed_noise, noise_table, row_keys
 
 DSL_TEMPERATURE = 100.0
 
@@ -158,14 +158,15 @@ def pooled(model, q: torch.Tensor, side: VideoSide, ws: Workspace | None = None)
     return model.pool_frames.pool(q, side, text_major=True, unit=True, out=out).float()
 
 
-def pair_terms(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor,
+def pair_terms(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor, f_inv: torch.Tensor,
                ws: Workspace | None = None):
-    """For texts t [c_t, D] (their pooling queries q) and a chunk of videos (frames f, pooling half `side`): t,
-    R(t_j, v_i) and psi(v_i | t_j) / |psi|, the last two [c_t, c_v, D], all fp32 (written into `ws` if given)."""
+    """For texts t [c_t, D] (their pooling queries q) and a chunk of videos (frames f, their inverse norms f_inv
+    [c_v, F], pooling half `side`): t, R(t_j, v_i) and psi(v_i | t_j) / |psi|, the last two [c_t, c_v, D], all
+    fp32 (written into `ws` if given)."""
     p = pooled(model, q, side, ws)
     t = t.float()
     out = ws("radius", len(t), len(f), t.shape[1]) if ws is not None else None
-    return t, model.radius(all_cosines(t, f), out=out), p
+    return t, model.radius(all_cosines(t, f, f_inv), out=out), p
 
 
 def draw_eps(noise, prior: str, std: float):
@@ -187,11 +188,11 @@ def best_trial(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, noise, pr
     return trial_cosines(t, radius, p, draw_eps(noise, prior, std), in_place).amax(dim=-1)
 
 
-def leaky_scores(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor, noise, prior: str,
-                 std: float, own_hat: torch.Tensor) -> torch.Tensor:
+def leaky_scores(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor, f_inv: torch.Tensor,
+                 noise, prior: str, std: float, own_hat: torch.Tensor) -> torch.Tensor:
     """--eval_protocol upstream (leaky): the trial is chosen against psi(v_i | t_j), then scored against the
     candidate pooled with its own caption, psi(v_i | t_i) (own_hat [c_v, D], normalised)."""
-    t, radius, p = pair_terms(model, t, q, side, f)
+    t, radius, p = pair_terms(model, t, q, side, f, f_inv)
     eps = draw_eps(noise, prior, std)
     c_t, c_v, dim = len(t), len(own_hat), t.shape[1]
     best = trial_cosines(t, radius, p, eps).argmax(dim=-1)  # [c_t, c_v]
@@ -262,6 +263,7 @@ def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: i
     c_v = max(1, min(n_v, pairs // c_t))
     pdtype = next(model.pool_frames.parameters()).dtype
     side = model.pool_frames.video_side(enc.frames.to(pdtype), block=64)  # once per video: O(N_v F D)
+    f_inv = inverse_norms(enc.frames)  # 1 / |f| [N_v, F], once, for the radius's cosines
     m, dim = cfg.stochastic_trials, enc.text.shape[1]
     prior, std = model.cfg.stochastic_prior, model.cfg.stochastic_prior_std
     table = noise_table((seed, "pair"), m, dim, device) if per_pair else None
@@ -286,10 +288,11 @@ def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: i
             if not stochastic:
                 s = deterministic_scores(model, t, q, side[vids])
             elif own_hat is not None:
-                s = leaky_scores(model, t, q, side[vids], enc.frames[vids], noise, prior, std, own_hat[vids])
+                s = leaky_scores(model, t, q, side[vids], enc.frames[vids], f_inv[vids], noise, prior, std,
+                                 own_hat[vids])
             else:
                 try:  # the first compiled call compiles
-                    terms = pair_terms(model, t, q, side[vids], enc.frames[vids], ws)
+                    terms = pair_terms(model, t, q, side[vids], enc.frames[vids], f_inv[vids], ws)
                     s = score(*terms, noise, prior, std, in_place=not compiled)  # terms: ws's scratch
                 except Exception as e:  # noqa: BLE001 (no C++ compiler, an unsupported backend, ...)
                     if not (compiled and first):
