@@ -1,9 +1,11 @@
 """Benchmark: the stochastic evaluation on random features (N_t = N_v = N, F = 12, D = 512, M = 20).
 
-    (a) upstream   a faithful re-implementation of the upstream procedure (method notes b.1): the pooled
-                   videos V [N_v, N_t, D] for every pair, then a loop over videos drawing M fresh noises per
-                   (video, text), the chosen texts stored in a second [N_v, N_t, D] tensor with a loop over
-                   texts, then the (leaky) similarity; one process
+    (a) upstream   a faithful re-implementation of the upstream procedure (method notes b.1, steps 2 to 5, and
+                   b.4's t2v ranks): the pooled videos V [N_v, N_t, D] for every pair; a loop over videos that
+                   calls the stochastic module once per trial (R made again each time, as upstream does) and
+                   keeps each text's best trial with a loop over texts, in a second [N_v, N_t, D] tensor; both
+                   regrouped per video id through Python dicts; the (leaky) similarity as one batched product
+                   [N_v, N_t, N_v] of which the diagonal is kept; one process
     (b) tmass 1    tmass.evaluate.rank_all (scores + both directions' ranks) on 1 process
     (c) tmass 2    the same on 2 processes (gloo), each scoring half of the texts
 Each runs in fresh processes, so the peak RSS is its own (the largest of the ranks for (c)); time is wall
@@ -69,25 +71,83 @@ def upstream_pool(pool, t: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     return pool.layer_norm3(h + pool.linear_proj(h))
 
 
+def upstream_stochastic(radius, t: torch.Tensor, frames_rep: torch.Tensor) -> torch.Tensor:
+    """One call of upstream's stochastic module (method notes a.2, a.3), as upstream makes it, once per trial:
+    t and the video's frames (tiled over the texts) normalised again, t repeated over the frames, the F x F
+    cosines averaged over the repeated axis, R = exp(W S + b), fresh uniform noise.
+    t [N_t, D], frames_rep [N_t, F, D] -> t + u R [N_t, D]."""
+    t_unit = (t / t.norm(dim=-1, keepdim=True)).unsqueeze(1).repeat(1, F_FRAMES, 1)  # [N_t, F, D]
+    f_unit = frames_rep / frames_rep.norm(dim=-1, keepdim=True)
+    sims = torch.matmul(t_unit, f_unit.permute(0, 2, 1)).mean(dim=1)  # [N_t, F]
+    r = torch.exp(F.linear(sims, radius.linear_proj.weight, radius.linear_proj.bias))
+    return t + torch.rand_like(t) * r
+
+
+def upstream_select(head: Head, t: torch.Tensor, frames: torch.Tensor, v: torch.Tensor, trials: int) -> torch.Tensor:
+    """Step 3, a sequential loop over videos: for video i, M calls of the stochastic module on all texts, the trial
+    with the best cosine to V[i, j] kept for each text j by a Python loop. -> chosen [N_v, N_t, D]."""
+    n_v, n_t = len(frames), len(t)
+    chosen = torch.zeros(n_v, n_t, DIM)  # the second N_v x N_t x D tensor
+    for i in range(n_v):
+        frames_rep = frames[i].unsqueeze(0).tile((n_t, 1, 1))  # video i for every text [N_t, F, D]
+        samples = torch.stack([upstream_stochastic(head.radius, t, frames_rep) for _ in range(trials)])
+        samples = samples / samples.norm(dim=-1, keepdim=True)  # [M, N_t, D]
+        v_i = v[i] / v[i].norm(dim=-1, keepdim=True)
+        best = torch.sum(samples * v_i, dim=-1).argmax(dim=0)  # [N_t]
+        plane = torch.ones(n_t, DIM)
+        for j in range(n_t):  # the gather is a Python loop over texts
+            plane[j, :] = samples[best[j], j, :]
+        chosen[i] = plane
+    return chosen
+
+
+def per_video_id(x: torch.Tensor, vid_ids: list) -> torch.Tensor:
+    """Step 4 for one of its two tensors: for every row i, x[i, j] grouped by the video id of text j in dicts of
+    lists, each group stacked and padded with -inf to the largest group. [N_v, N_t, D] -> [N_v, N_ids, M', D]."""
+    grouped = []
+    for i in range(x.shape[0]):
+        groups: dict = {}
+        for j, vid in enumerate(vid_ids):
+            groups.setdefault(vid, []).append(x[i, j, :])
+        groups = {vid: torch.stack(rows) for vid, rows in groups.items()}
+        longest = max(g.shape[0] for g in groups.values())
+        grouped.append(torch.stack([torch.cat([g, torch.full((longest - g.shape[0], x.shape[-1]), float("-inf"))])
+                                    for g in groups.values()]))
+    return torch.stack(grouped)
+
+
+def upstream_sims(text_per_id: torch.Tensor, vid_per_id: torch.Tensor) -> torch.Tensor:
+    """Step 5 (sim_matrix_inference_stochastic): both normalised, the videos' axes permuted to [N_v M', D, N_v], one
+    batched product [N_v M', N_t, N_v] of which the diagonal blocks are kept. -> sims [N_t, M', N_v]
+    with sims[b, m, i] = <t(b | i), V[i, (i, m)]>: video i pooled with its own caption (the leak, notes b.2)."""
+    text_per_id = text_per_id / text_per_id.norm(dim=-1, keepdim=True)
+    vid_per_id = vid_per_id / vid_per_id.norm(dim=-1, keepdim=True)
+    n_v, n_t, m, dim = text_per_id.shape
+    vids = vid_per_id.permute(1, 2, 3, 0).reshape(n_v * m, dim, n_v)
+    texts = text_per_id.permute(0, 2, 1, 3).reshape(n_v * m, n_t, dim)
+    sims = torch.bmm(texts, vids).view(n_v, m, n_t, n_v)
+    return torch.stack([sims[i, :, :, i] for i in range(n_v)], dim=-1).permute(1, 0, 2)
+
+
+def upstream_t2v_ranks(sims: torch.Tensor) -> torch.Tensor:
+    """b.4's t2v: a double argsort of [M', N_t, N_v], each query's rank read off the diagonal."""
+    order = torch.argsort(torch.argsort(sims.permute(1, 0, 2), dim=-1, descending=True), dim=-1)
+    return torch.flatten(torch.diagonal(order, dim1=1, dim2=2))
+
+
 @torch.no_grad()
 def upstream(head: Head, n: int, trials: int) -> None:
-    """Method notes b.1, step by step, on the CPU as upstream runs it."""
+    """Method notes b.1, step by step, on the CPU as upstream runs it: what each step holds stays held while
+    upstream's frame holds it."""
     t, frames = features(n)
+    vid_ids = list(range(n))  # one caption per video
     v = upstream_pool(head.pool_frames, t, frames)  # step 2: [N_v, N_t, D], every video pooled with every text
-    v_hat = F.normalize(v, dim=-1)
-    chosen = torch.empty(n, n, DIM)  # step 3 stores the chosen texts: the second N_v x N_t x D tensor
-    t_rep = F.normalize(t, dim=-1).unsqueeze(1).repeat(1, F_FRAMES, 1)  # upstream repeats t over the frames
-    for i in range(n):
-        frames_i = F.normalize(frames[i], dim=-1).unsqueeze(0).repeat(n, 1, 1)  # video i for every text
-        sims = torch.bmm(t_rep, frames_i.transpose(1, 2)).mean(dim=1)  # [N_t, F] via a repeated axis
-        r = head.radius(sims)
-        samples = torch.stack([F.normalize(t + r * torch.rand(n, DIM), dim=-1) for _ in range(trials)])  # fresh noise
-        best = (samples * v_hat[i][None]).sum(-1).argmax(dim=0)  # [N_t]
-        for j in range(n):  # the gather is a Python loop over texts
-            chosen[i, j] = samples[best[j], j]
-    own = v_hat[torch.arange(n), torch.arange(n)]  # steps 4-5: video i pooled with its own caption (the leak)
-    scores = torch.einsum("ijd,id->ji", chosen, own)
-    ranks = (scores > scores.diagonal()[:, None]).sum(1)
+    chosen = upstream_select(head, t, frames, v, trials)  # step 3
+    del t, frames
+    text_per_id, vid_per_id = per_video_id(chosen, vid_ids), per_video_id(v, vid_ids)  # step 4
+    del chosen, v
+    sims = upstream_sims(text_per_id, vid_per_id)  # step 5, while the caller still holds its inputs
+    ranks = upstream_t2v_ranks(sims)
     assert ranks.numel() == n
 
 

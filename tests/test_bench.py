@@ -84,3 +84,58 @@ def test_gpu_bench_flop_count_matches_torch_counter():
         with FlopCounterMode(display=False) as counter:
             model(ids, mask, video, eps)
         assert step_flops(model, batch, 4, ids.shape[1]) / 3 == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
+def _bench_eval():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_eval", os.path.join(REPO, "bench", "eval.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_upstream_baseline_regroups_to_the_leaky_score():
+    """bench/eval.py's (a), steps 4 and 5 (per_video_id, upstream_sims), computes what method notes b.2 found the
+    upstream code computes: sims[b, m, i] = cos(t(b's m-th caption | i), V[i, i's own m-th caption]), NaN where a
+    video has fewer captions. Here with 1 to 3 captions per video, against a float64 loop; then b.4's t2v ranks
+    against counting."""
+    be = _bench_eval()
+    g = torch.Generator().manual_seed(0)
+    vid_ids = [0, 0, 1, 2, 2, 2, 3]  # texts' videos: 4 videos, 7 texts
+    n_v, n_t, dim = 4, len(vid_ids), 8
+    chosen, v = torch.randn(n_v, n_t, dim, generator=g), torch.randn(n_v, n_t, dim, generator=g)
+    sims = be.upstream_sims(be.per_video_id(chosen, vid_ids), be.per_video_id(v, vid_ids))
+    caps = [[j for j, x in enumerate(vid_ids) if x == b] for b in range(n_v)]
+    assert sims.shape == (n_v, 3, n_v)
+    for b in range(n_v):
+        for m in range(3):
+            for i in range(n_v):
+                if m < len(caps[b]) and m < len(caps[i]):
+                    x, y = chosen[i, caps[b][m]].double(), v[i, caps[i][m]].double()
+                    assert sims[b, m, i].item() == pytest.approx((x @ y / (x.norm() * y.norm())).item(), abs=1e-6)
+                else:
+                    assert torch.isnan(sims[b, m, i])
+    one = be.upstream_sims(be.per_video_id(chosen[:, :n_v], list(range(n_v))),
+                           be.per_video_id(v[:, :n_v], list(range(n_v))))  # one caption each
+    ranks = be.upstream_t2v_ranks(one)
+    assert ranks.tolist() == [int((one[b, 0] > one[b, 0, b]).sum()) for b in range(n_v)]
+
+
+def test_upstream_baseline_stochastic_text_matches_the_model_radius():
+    """(a)'s stochastic module, called as upstream calls it (t repeated over the frames, the tiled video, an F x F
+    product averaged over the repeated axis), gives t + u R with R = exp(W S + b) of tmass's own radius, S_k =
+    cos(t, f_k), for the same uniform draw u."""
+    from tmass.model.stochastic import paired_cosines
+
+    be = _bench_eval()
+    head = be.Head()
+    t, frames = be.features(5)
+    frames_rep = frames[2].unsqueeze(0).tile((5, 1, 1))
+    torch.manual_seed(3)
+    got = be.upstream_stochastic(head.radius, t, frames_rep)
+    torch.manual_seed(3)
+    u = torch.rand_like(t)
+    with torch.no_grad():
+        want = t.double() + u.double() * head.radius(paired_cosines(t.double(), frames_rep.double())).double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
