@@ -33,7 +33,8 @@ def make_clip(path: str, seed: int, width: int, height: int, fps: int, seconds: 
     texture = np.kron(cells, np.ones((16, 16, 1))).astype(np.float32)
     for axis in (0, 1):  # a box blur: smooth, image-like texture rather than white noise
         c = np.cumsum(texture, axis=axis)
-        texture = (np.take(c, range(16, c.shape[axis]), axis=axis) - np.take(c, range(0, c.shape[axis] - 16), axis=axis)) / 16
+        n = c.shape[axis]
+        texture = (np.take(c, range(16, n), axis=axis) - np.take(c, range(0, n - 16), axis=axis)) / 16
     texture = texture.astype(np.uint8)
     with av.open(path, mode="w") as out:
         s = out.add_stream("libx264", rate=Fraction(fps))
@@ -72,7 +73,8 @@ def main() -> None:
         t = time.time()
         vids, csv, _ = clip_corpus(tmp, [a.seconds] * a.num)
         src_mb = sum(os.path.getsize(os.path.join(vids, f)) for f in os.listdir(vids)) / 1e6
-        print(f"generated {a.num} clips of 640x360, 30 fps, {a.seconds:g} s ({src_mb:.1f} MB) in {time.time() - t:.1f} s")
+        print(f"generated {a.num} clips of 640x360, 30 fps, {a.seconds:g} s ({src_mb:.1f} MB) "
+              f"in {time.time() - t:.1f} s")
         rows = []
         for w in map(int, a.workers.split(",")):
             cfg = BuildConfig(source="csv", out=os.path.join(tmp, f"out{w}"), splits=["train"], workers=w,

@@ -13,7 +13,7 @@ time of the scoring and ranking, features already in memory. Both --trial_noise 
 
     python bench/eval.py                          # N = 1000 (with (a)) and N = 10000 (b and c only)
     python bench/eval.py --sizes 10000 --noises per_text   # per_pair at 10k draws 10^11 random numbers
-    python bench/eval.py --sizes 200 --upstream_max 200 --trials 4 --json r.json   # what the tests run
+    python bench/eval.py --sizes 40 --upstream_max 40 --trials 3 --json r.json   # what the tests run
 """
 from __future__ import annotations
 
@@ -266,7 +266,8 @@ def main() -> None:
         single = next((x for x in rows[::-1] if x["method"] == "tmass" and x["n"] == r["n"]
                        and x["noise"] == r["noise"] and x["world"] == 1 and x["threads"] == r["threads"]), None)
         if single and r["world"] == 2:
-            print(f"N={r['n']} {r['noise']}: 2 ranks x {r['threads']} threads = {single['seconds'] / r['seconds']:.2f}x "
+            speedup = single["seconds"] / r["seconds"]
+            print(f"N={r['n']} {r['noise']}: 2 ranks x {r['threads']} threads = {speedup:.2f}x "
                   f"1 rank x {r['threads']} threads")
     if a.json:
         with open(a.json, "w") as f:

@@ -280,8 +280,8 @@ def main() -> None:
         print(f"{'ZeRO':>4} {'ckpt':>5} {'compile':>7} {'batch':>5} {'clips/s':>8} {'TFLOP/s':>8} {'MFU':>6}")
     for r in results["train"]:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        print(f"{r['zero']:>4} {str(r['checkpointing']):>5} {str(r['compile']):>7} {r['batch']:>5} {r['clips_per_s']:>8.2f} "
-              f"{r['tflops']:>8.2f} {mfu:>6}")
+        print(f"{r['zero']:>4} {str(r['checkpointing']):>5} {str(r['compile']):>7} {r['batch']:>5} "
+              f"{r['clips_per_s']:>8.2f} {r['tflops']:>8.2f} {mfu:>6}")
     up = results["upstream"]
     if up and "clips_per_s" in up:
         line = f"upstream-style fp32 plain PyTorch, batch {up['batch']}: {up['clips_per_s']:.2f} clips/s"

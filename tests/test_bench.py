@@ -65,7 +65,8 @@ def test_bench_gpu_train_runs_on_cpu_tiny(tmp_path):
     assert [(t["zero"], t["checkpointing"], t["compile"]) for t in r["train"]] == [
         (1, False, False), (1, True, False), (2, False, False), (2, True, False), (2, False, True), (2, True, True)]
     assert all(t["flops_per_step"] > 0 and t["clips_per_s"] > 0 for t in r["train"])
-    assert r["upstream"]["clips_per_s"] > 0 and r["eval"]["n"] == 100 and r["eval_per_pair"]["noise"] == "per_pair" and r["loader"]["clips_per_s"] > 0
+    assert r["upstream"]["clips_per_s"] > 0 and r["eval"]["n"] == 100
+    assert r["eval_per_pair"]["noise"] == "per_pair" and r["loader"]["clips_per_s"] > 0
     assert "GFLOP, counted from the shapes" in p.stdout
 
 

@@ -56,7 +56,8 @@ def test_lsmdc_keeps_repeated_clip_captions_and_the_upstream_path_rule(fixtures_
     its = items("lsmdc", "train", anno_dir=os.path.join(fixtures_dir, "lsmdc"), videos_dir="/v")
     m = by_id(its)
     assert len(its) == 3
-    assert m["1001_Flight_00.00.57.675-00.01.01.839"].captions == ["SOMEONE walks into the cockpit.", "The pilot enters."]
+    assert m["1001_Flight_00.00.57.675-00.01.01.839"].captions == ["SOMEONE walks into the cockpit.",
+                                                                   "The pilot enters."]
     assert m["1001_Flight_00.01.02.000-00.01.05.500"].captions == ["He sits down and buckles in."]  # '"' stripped
     assert m["0005_Chinatown_00.10.00.100-00.10.03.200"].path == \
         "/v/0005_Chinatown/0005_Chinatown_00.10.00.100-00.10.03.200.avi"

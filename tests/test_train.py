@@ -25,7 +25,8 @@ def test_global_batch_of_two_ranks_equals_one_rank(tmp_path):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49000, (8, 9), generator=g)
     ids[:, -1] = 49407
-    inputs = {"ids": ids, "mask": torch.ones(8, 9, dtype=torch.long), "video": torch.randn(8, 4, 3, 32, 32, generator=g),
+    inputs = {"ids": ids, "mask": torch.ones(8, 9, dtype=torch.long),
+              "video": torch.randn(8, 4, 3, 32, 32, generator=g),
               "eps": torch.rand(8, 32, generator=g)}
     mp.spawn(__import__("_dist_workers").global_batch_worker, args=(2, free_port(), inputs, str(tmp_path)), nprocs=2)
     got = torch.load(tmp_path / "dist.pt")
@@ -40,7 +41,8 @@ def test_global_batch_of_two_ranks_equals_one_rank(tmp_path):
 
 def train_args(shards, out, *extra, config="cpu_fp32.json", steps=6):
     return ["--deepspeed_config", os.path.join(DS, config), "--preset", "demo", "--num_frames", "4",
-            "--train_shards", str(shards / "train-{000000..000003}.tar"), "--val_shards", str(shards / "val-000000.tar"),
+            "--train_shards", str(shards / "train-{000000..000003}.tar"),
+            "--val_shards", str(shards / "val-000000.tar"),
             "--batch_size", "4", "--max_steps", str(steps), "--output_dir", str(out), "--exp_name", "run",
             "--num_workers", "1", "--log_step", "1", "--stochastic_trials", "3", *extra]
 

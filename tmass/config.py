@@ -46,7 +46,8 @@ class ModelConfig:
     deterministic_text: bool = False  # the X-Pool baseline: train and score with t alone (no text mass)
 
     def __post_init__(self) -> None:
-        _check([(self.clip_arch in CLIP_ARCHS, f"--clip_arch must be one of {', '.join(CLIP_ARCHS)}, not {self.clip_arch!r}"),
+        _check([(self.clip_arch in CLIP_ARCHS,
+                 f"--clip_arch must be one of {', '.join(CLIP_ARCHS)}, not {self.clip_arch!r}"),
                 (self.stochastic_prior in PRIORS, f"--stochastic_prior must be one of {', '.join(PRIORS)}, "
                                                   f"not {self.stochastic_prior!r}"),
                 (self.support_center in SUPPORT_CENTERS, f"--support_center must be one of "
@@ -152,7 +153,8 @@ class Config:
     def check_model(self, loaded: "ModelConfig", source: str) -> None:
         """A checkpoint carries its own architecture; an architecture flag given explicitly must agree with it."""
         wrong = [f"--{k} {getattr(self.model, k)} (the checkpoint has {getattr(loaded, k)})"
-                 for k in ("clip_arch", "num_frames") if k in self.explicit and getattr(self.model, k) != getattr(loaded, k)]
+                 for k in ("clip_arch", "num_frames")
+                 if k in self.explicit and getattr(self.model, k) != getattr(loaded, k)]
         if wrong:
             raise SystemExit(f"error: {source} does not match the flags: {'; '.join(wrong)}. Drop those flags "
                              f"or pass the checkpoint's values.")

@@ -266,7 +266,8 @@ class TrainStream(IterableDataset):
         if cfg.caption_sampling == "pairs":
             raw = expand_pairs(raw)
         shuffled = raw if cfg.shuffle_buffer <= 1 else wds.shuffle(
-            cfg.shuffle_buffer, cfg.shuffle_initial, rng=keyed_rng("buffer", cfg.seed, pos.epoch, self.rank, stream))(raw)
+            cfg.shuffle_buffer, cfg.shuffle_initial,
+            rng=keyed_rng("buffer", cfg.seed, pos.epoch, self.rank, stream))(raw)
         skip = pos.taken.get(stream, 0)
         items: list[dict] = []
         for taken, sample in enumerate(shuffled, start=1):
@@ -369,7 +370,8 @@ class EvalStream(IterableDataset):
                 "pos": torch.tensor([it["pos"] for it in items], dtype=torch.long),
                 "keys": [it["key"] for it in items], "input_ids": ids, "attention_mask": mask,
                 "text_video": torch.tensor([i for i, it in enumerate(items) for _ in it["captions"]], dtype=torch.long),
-                "caption_index": torch.tensor([k for it in items for k in range(len(it["captions"]))], dtype=torch.long),
+                "caption_index": torch.tensor([k for it in items for k in range(len(it["captions"]))],
+                                              dtype=torch.long),
                 "stats": stats.to_dict(), "reader": reader}
 
 

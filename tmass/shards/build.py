@@ -77,7 +77,8 @@ def _video_field(item: VideoItem, transcoded: bool) -> str:
     return ext if ext in VIDEO_EXTS else "mp4"
 
 
-def process(job: tuple[int, str, VideoItem], source: str, opts: TranscodeOptions | None) -> tuple[int, dict | None, dict | None]:
+def process(job: tuple[int, str, VideoItem], source: str,
+            opts: TranscodeOptions | None) -> tuple[int, dict | None, dict | None]:
     """One input -> (index, sample, None) or (index, None, failure). Runs in a worker; never raises."""
     index, key, item = job
     fail = lambda reason, detail="": (index, None, {"video_id": item.video_id, "path": item.path,  # noqa: E731

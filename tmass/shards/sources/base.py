@@ -113,8 +113,8 @@ def read_json(path: str, expected: str) -> Any:
 def require_keys(path: str, record: Any, keys: list[str], where: str, expected: str) -> None:
     if not isinstance(record, dict) or any(k not in record for k in keys):
         have = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-        raise AnnotationError(f"{path}: {where} lacks {', '.join(k for k in keys if not isinstance(record, dict) or k not in record)} "
-                              f"(has: {have}). Expected {expected}")
+        missing = ", ".join(k for k in keys if not isinstance(record, dict) or k not in record)
+        raise AnnotationError(f"{path}: {where} lacks {missing} (has: {have}). Expected {expected}")
 
 
 def group_captions(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
