@@ -117,15 +117,16 @@ def per_video_id(x: torch.Tensor, vid_ids: list) -> torch.Tensor:
 
 
 def upstream_sims(text_per_id: torch.Tensor, vid_per_id: torch.Tensor) -> torch.Tensor:
-    """Step 5 (sim_matrix_inference_stochastic): both normalised, the videos' axes permuted to [N_v M', D, N_v], one
-    batched product [N_v M', N_t, N_v] of which the diagonal blocks are kept. -> sims [N_t, M', N_v]
-    with sims[b, m, i] = <t(b | i), V[i, (i, m)]>: video i pooled with its own caption (the leak, notes b.2)."""
+    """Step 5 (sim_matrix_inference_stochastic): both [N_v, N_ids, M', D] (N_ids = N_v) normalised, the videos'
+    axes permuted to [N_v M', D, N_v], one batched product [N_v M', N_ids, N_v] of which the diagonal blocks are
+    kept. -> sims [N_ids, M', N_v] with sims[b, m, i] = <t(b, m | i), V[i, (i, m)]>: video i pooled with its own
+    m-th caption (the leak, notes b.2)."""
     text_per_id = text_per_id / text_per_id.norm(dim=-1, keepdim=True)
     vid_per_id = vid_per_id / vid_per_id.norm(dim=-1, keepdim=True)
-    n_v, n_t, m, dim = text_per_id.shape
+    n_v, n_ids, m, dim = text_per_id.shape
     vids = vid_per_id.permute(1, 2, 3, 0).reshape(n_v * m, dim, n_v)
-    texts = text_per_id.permute(0, 2, 1, 3).reshape(n_v * m, n_t, dim)
-    sims = torch.bmm(texts, vids).view(n_v, m, n_t, n_v)
+    texts = text_per_id.permute(0, 2, 1, 3).reshape(n_v * m, n_ids, dim)
+    sims = torch.bmm(texts, vids).view(n_v, m, n_ids, n_v)
     return torch.stack([sims[i, :, :, i] for i in range(n_v)], dim=-1).permute(1, 0, 2)
 
 
