@@ -79,7 +79,7 @@ def upstream_stochastic(radius, t: torch.Tensor, frames_rep: torch.Tensor) -> to
     t_unit = (t / t.norm(dim=-1, keepdim=True)).unsqueeze(1).repeat(1, F_FRAMES, 1)  # [N_t, F, D]
     f_unit = frames_rep / frames_rep.norm(dim=-1, keepdim=True)
     sims = torch.matmul(t_unit, f_unit.permute(0, 2, 1)).mean(dim=1)  # [N_t, F]
-    r = torch.exp(F.linear(sims, radius.linear_proj.weight, radius.linear_proj.bias))
+    r = torch.exp(radius.linear_proj(sims))
     return t + torch.rand_like(t) * r
 
 

@@ -29,17 +29,16 @@ def paired_cosines(text: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
 
 def all_cosines(text: torch.Tensor, frames: torch.Tensor,
                 inv_frame_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """S[j, i, k] = cos(t_j, f_{i,k}) for every text and video. [N_t, D], [N_v, F, D] -> [N_t, N_v, F].
-    inv_frame_norms [N_v, F] (inverse_norms(frames)): for frames that meet many blocks of texts, as in evaluation,
-    so that they are not normalised again for each block."""
-    if inv_frame_norms is None:
-        return torch.einsum("td,vfd->tvf", _unit(text), _unit(frames))
-    return torch.einsum("td,vfd->tvf", _unit(text), frames.float()) * inv_frame_norms
+    """S[j, i, k] = cos(t_j, f_{i,k}) = (t_j / |t_j|) . f_{i,k} / |f_{i,k}|. [N_t, D], [N_v, F, D] -> [N_t, N_v, F].
+    inv_frame_norms [N_v, F] (inverse_norms(frames)), where given: made once for frames that meet many blocks of
+    texts, as in evaluation, instead of again for each block."""
+    inv = inverse_norms(frames) if inv_frame_norms is None else inv_frame_norms
+    return torch.einsum("td,vfd->tvf", _unit(text), frames.float()) * inv
 
 
 def inverse_norms(x: torch.Tensor) -> torch.Tensor:
     """1 / max(|x|, 1e-12) over the last axis, in fp32 (what F.normalize divides by)."""
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(1e-12).reciprocal()
+    return torch.linalg.vector_norm(x.float(), dim=-1).clamp_min(1e-12).reciprocal()
 
 
 class SimilarityRadius(nn.Module):
