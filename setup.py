@@ -27,5 +27,6 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=8"]},
-    entry_points={"console_scripts": ["tmass-build-shards=tmass.shards.cli:main"]},
+    entry_points={"console_scripts": ["tmass-build-shards=tmass.shards.cli:main", "tmass-train=tmass.cli:train_main",
+                                      "tmass-eval=tmass.cli:eval_main", "tmass-export=tmass.cli:export_main"]},
 )

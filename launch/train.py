@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Train T-MASS with DeepSpeed. All logic lives in tmass.train.
+"""Train T-MASS with DeepSpeed (also `tmass-train`). All logic lives in tmass.train; `--help` lists the flags.
 
     deepspeed --num_gpus 8 launch/train.py --deepspeed_config ds_configs/zero2_bf16.json --preset msrvtt \\
-        --clip_arch ViT-B/16 --clip_path /shared/clip-vit-base-patch16 \\
+        --clip_path /shared/clip-vit-base-patch16 \\
         --train_shards 'shards/msrvtt/train-{000000..000044}.tar' --val_shards 'shards/msrvtt/val-000000.tar'
 Also runs under torchrun, srun (one task per GPU) and as one plain python process. Relaunching the same
 command resumes from the run's latest checkpoint.
@@ -12,11 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tmass.config import parse_config  # noqa: E402
-from tmass.train import Preempted, train  # noqa: E402
+from tmass.cli import train_main  # noqa: E402
 
 if __name__ == "__main__":
-    try:
-        train(parse_config(sys.argv[1:], prog="launch/train.py"))
-    except Preempted:
-        sys.exit(0)  # the checkpoint is saved; the job script requeues
+    sys.exit(train_main())

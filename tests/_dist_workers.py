@@ -12,7 +12,7 @@ def start(rank: int, world: int, port: int) -> None:
     dist.init()
 
 
-def global_batch_worker(rank: int, world: int, port: int, inputs: dict, out_dir: str) -> None:
+def global_batch_worker(rank: int, world: int, port: int, inputs: dict, out_dir: str, dropout: float = 0.0) -> None:
     """One rank of the global contrastive batch: its b pairs, the loss with gathered features, backward, and
     the gradients averaged over ranks (what DeepSpeed does)."""
     start(rank, world, port)
@@ -23,11 +23,12 @@ def global_batch_worker(rank: int, world: int, port: int, inputs: dict, out_dir:
     from tmass.model.tmass import TMASS
 
     torch.manual_seed(0)
-    model = TMASS(ModelConfig(clip_arch="tiny", num_frames=4, transformer_dropout=0.0, support_loss_weight=0.8))
+    model = TMASS(ModelConfig(clip_arch="tiny", num_frames=4, transformer_dropout=dropout, support_loss_weight=0.8))
+    torch.manual_seed(100 + rank)  # the global RNG differs per rank: the dropout mask must not come from it
     b = inputs["ids"].shape[0] // world
     sl = slice(rank * b, (rank + 1) * b)
     out = model(inputs["ids"][sl], inputs["mask"][sl], inputs["video"][sl], inputs["eps"], offset=rank * b,
-                gather=dist.gather_with_grad)
+                gather=dist.gather_with_grad, dropout_stream=(24, "dropout", 3, 0))
     out["loss"].backward()
     loss = out["loss"].detach().clone()
     tdist.all_reduce(loss)
@@ -74,3 +75,47 @@ def encode_worker(rank: int, world: int, port: int, shards: list, tokenizer: str
     import torch.distributed as tdist
 
     tdist.destroy_process_group()
+
+
+class FakeEngine:
+    """Stands in for DeepSpeed's engine in tmass.checkpoint.save: each rank writes its files as DeepSpeed names
+    them. At step 2, `stall` makes rank 1 leave its optimiser file empty and stop itself (SIGSTOP, as a slow
+    shared file system looks), and `slow` makes rank 0 write its model file a byte at a time."""
+
+    def __init__(self, rank: int, behaviour: str):
+        self.rank, self.behaviour = rank, behaviour
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        import signal
+        import time
+
+        folder = os.path.join(save_dir, tag)
+        os.makedirs(folder, exist_ok=True)
+        step = client_state["step"]
+        optim = os.path.join(folder, f"bf16_zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt")
+        if self.behaviour == "stall" and self.rank == 1 and step == 2:
+            open(optim, "wb").close()
+            os.kill(os.getpid(), signal.SIGSTOP)
+        with open(optim, "wb") as f:
+            f.write(b"o" * 64)
+        if self.rank == 0:
+            with open(os.path.join(folder, "mp_rank_00_model_states.pt"), "wb") as f:
+                if self.behaviour == "slow" and step == 2:
+                    open(os.path.join(save_dir, "writing"), "w").close()
+                    for _ in range(100000):
+                        f.write(b"m")
+                        f.flush()
+                        time.sleep(0.01)
+                f.write(str(step).encode() * 64)
+
+
+def checkpoint_worker(rank: int, world: int, port: int, ckpt_dir: str, behaviour: str, steps: int = 2) -> None:
+    """Steps 1..steps, each saving `best` (no pointer) and then step{N} (latest), through tmass.checkpoint."""
+    start(rank, world, port)
+    from tmass import checkpoint
+
+    engine = FakeEngine(rank, behaviour)
+    for step in range(1, steps + 1):
+        meta = {"step": step, "epoch": 0, "steps_per_epoch": 100}
+        checkpoint.save(engine, ckpt_dir, "best", {"step": step}, meta, None, latest=False)
+        checkpoint.save(engine, ckpt_dir, f"step{step}", {"step": step}, meta, None)

@@ -60,7 +60,8 @@ def corpus(tmp_path_factory):
 
 def args(corpus, out, *extra):
     return ["--source", "csv", "--anno", str(corpus / "list.csv"), "--videos_dir", str(corpus / "videos"),
-            "--splits", "train", "--out", str(out), "--max_count", "2", "--no_progress", *extra]
+            "--splits", "train", "--out", str(out), "--max_count", "2", "--no_progress", "--max_failed_fraction", "1",
+            *extra]
 
 
 def shard_bytes(out):
@@ -210,12 +211,50 @@ def test_exit_codes_nothing_written_and_max_failures(corpus, tmp_path, capsys):
     only_bad = tmp_path / "bad.csv"
     only_bad.write_text("video,caption\nmissing.mp4,x\ngarbage.mp4,y\n")
     a = ["--source", "csv", "--anno", str(only_bad), "--videos_dir", str(corpus / "videos"), "--no_progress"]
-    assert main(a + ["--out", str(tmp_path / "o1")]) == 1
-    assert "nothing was written" in capsys.readouterr().err
+    assert main(a + ["--out", str(tmp_path / "o1"), "--max_failed_fraction", "1"]) == 1
+    assert f"nothing was written for train: see the failures in {tmp_path / 'o1' / 'train.json'}" in \
+        capsys.readouterr().err
     assert json.loads((tmp_path / "o1" / "train.json").read_text())["totals"]["failed"] == 2
     assert main(args(corpus, tmp_path / "o2", "--max_failures", "2")) == 1
     err = capsys.readouterr().err
     assert "more than --max_failures 2" in err and "rerun the same command" in err
+    # the default --max_failed_fraction 0.2: 7 of the corpus's 14 inputs fail, so the build exits 1, naming them
+    full = ["--source", "csv", "--anno", str(corpus / "list.csv"), "--videos_dir", str(corpus / "videos"),
+            "--splits", "train", "--out", str(tmp_path / "o3"), "--no_progress", "--workers", "1"]
+    assert main(full) == 1
+    err = capsys.readouterr().err
+    assert "train: 7 inputs failed, 7 of 14, more than --max_failed_fraction 0.2" in err and "missing.mp4" in err
+    assert main(full) == 1  # a rerun of the finished build says so again, it does not pass as "already built"
+    assert main(full + ["--max_failed_fraction", "0.5"]) == 0
+    assert "already built (--overwrite rebuilds it)" in capsys.readouterr().out
+
+
+def test_safe_keys_are_distinct_whatever_the_ids():
+    from tmass.shards.build import safe_keys
+
+    for ids in (["clip", "clip", "clip-2"], ["clip-2", "clip", "clip"], ["a.b", "a_b", "a b", "a/b"],
+                ["x"] * 5 + ["x-3", "x-2"]):
+        keys = safe_keys(ids)
+        assert len(set(keys)) == len(ids), (ids, keys)
+        assert all("." not in k and "/" not in k and " " not in k for k in keys)
+    assert safe_keys(["clip", "clip", "clip-2"]) == ["clip", "clip-2", "clip-2-2"]
+
+
+def test_videos_that_the_training_decoder_cannot_read_are_refused(tmp_path, capsys):
+    """decord cannot decode some small frame sizes that PyAV reads (48 x 36 here): the builder checks every
+    video with the decoder that training uses, so such a clip is a listed failure, not a bad training sample."""
+    vids = tmp_path / "v"
+    vids.mkdir()
+    (vids / "small.mp4").write_bytes(make_clip(48, 36, 10, 2))
+    (vids / "ok.mp4").write_bytes(make_clip(64, 48, 10, 2))
+    (tmp_path / "l.csv").write_text("video,caption\nsmall.mp4,a small clip\nok.mp4,a fine clip\n")
+    for extra in ([], ["--no_transcode"]):
+        out = tmp_path / ("o" + "".join(extra))
+        assert main(["--source", "csv", "--anno", str(tmp_path / "l.csv"), "--videos_dir", str(vids), "--out",
+                     str(out), "--no_progress", "--workers", "1", "--max_failed_fraction", "0.5", *extra]) == 0
+        m = json.loads((out / "train.json").read_text())
+        assert m["totals"]["samples"] == 1 and [f["path"].endswith("small.mp4") for f in m["failures"]] == [True]
+        assert m["failures"][0]["reason"].startswith("training decoder (decord)")
 
 
 def test_annotation_errors_exit_2(tmp_path, capsys):

@@ -5,13 +5,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import _reference as ref
 from conftest import REPO
 from tmass.config import EvalConfig, ModelConfig
-from tmass.evaluate import Encoded, own_caption_pooled, score_rows
+from tmass.evaluate import Encoded, own_caption_pooled, rank_all, score_rows
 from tmass.metrics import best_caption_scores, metrics_from_ranks, t2v_ranks
 from tmass.model.stochastic import counter_noise, keyed_noise, noise_table, row_keys
 from tmass.model.tmass import TMASS
@@ -170,6 +171,50 @@ def test_upstream_protocol_shows_the_leak_and_refuses_multi_caption_sets():
         own_caption_pooled(tiny(), random_set())
 
 
+@pytest.mark.parametrize("n", [1, 2, 19, 20, 1000])
+def test_median_rank_is_numpys_median(n):
+    """MdR = np.median(ranks) + 1: for an even count, the mean of the two middle ranks (upstream's metric)."""
+    g = torch.Generator().manual_seed(n)
+    ranks = torch.randint(0, 7, (n,), generator=g)
+    assert metrics_from_ranks(ranks)["MdR"] == float(np.median(ranks.numpy())) + 1
+    assert metrics_from_ranks(torch.tensor([0, 0, 1, 1]))["MdR"] == 1.5  # the lower median would say 1.0
+
+
+def upstream_t2v_v2t_by_loops(sims):
+    """Upstream's t2v and v2t metrics (one caption per video) written with numpy: a double argsort of each row
+    (columns, for v2t) in descending order, the diagonal's place as the rank, np.median for MdR."""
+    def metrics(s):
+        ranks = np.argsort(np.argsort(-s, axis=1), axis=1).diagonal()
+        return {"R@1": 100 * np.mean(ranks < 1), "R@5": 100 * np.mean(ranks < 5), "MdR": np.median(ranks) + 1}
+    return metrics(sims), metrics(sims.T)
+
+
+@pytest.mark.parametrize("dsl", [False, True])
+def test_upstream_protocol_with_deterministic_text_is_upstreams_procedure(dsl):
+    """--eval_protocol upstream --deterministic_text (the X-Pool baseline): upstream's selection and scoring with
+    one trial of zero noise, sims[j, i] = cos(t_j, psi(v_i | t_i)), as a float64 loop, N = 20 (even: MdR is a
+    mean of two ranks), with and without DSL (numpy's softmax over the queries)."""
+    model = tiny()
+    g = torch.Generator().manual_seed(11)
+    n = 20
+    enc = Encoded(torch.randn(n, D, generator=g), torch.randn(n, F, D, generator=g), torch.arange(n),
+                  [str(i) for i in range(n)], {})
+    sd = head_state(model)
+    own = [ref.pool_one(enc.text[i].double(), enc.frames[i].double(), sd) for i in range(n)]
+    sims = np.array([[ref.cos(enc.text[j].double(), own[i]) for i in range(n)] for j in range(n)])
+    if dsl:
+        e = np.exp(100 * (sims - sims.max(axis=0, keepdims=True)))
+        sims = sims * e / e.sum(axis=0, keepdims=True)
+    want_t2v, want_v2t = upstream_t2v_v2t_by_loops(sims)
+    got = rank_all(model, enc, EvalConfig(deterministic_text=True, eval_protocol="upstream", dsl=dsl), 24)
+    assert got["leaky"] and "LEAKY" in got["protocol"] and got["trials"] == 0
+    for name, want in (("t2v", want_t2v), ("v2t", want_v2t)):
+        for k, v in want.items():
+            assert got[name][k] == pytest.approx(v, abs=1e-9), (name, k, got[name][k], v)
+    free = rank_all(model, enc, EvalConfig(deterministic_text=True, dsl=dsl), 24)
+    assert free["t2v"] != got["t2v"]  # the leak changes the numbers
+
+
 def run_eval(args, world=1):
     from _procs import clean_env
 
@@ -263,3 +308,57 @@ def test_encode_puts_every_caption_beside_its_own_video(synthetic_shards, tmp_pa
         ids = [(tok(c)["input_ids"] + [tok.pad_token_id] * 8)[:8] for c in captions[key]]
         assert row in ids, (j, key)
     assert got["text_video"].tolist() == sorted(got["text_video"].tolist())
+
+
+def test_eval_refuses_what_it_cannot_score_honestly(synthetic_shards, exported, tmp_path, monkeypatch, capsys):
+    """No weights: refused unless --random_init says so, and then labelled; a missing test shard, a shard cut
+    short, and more skipped samples than --max_bad_fraction are errors, not metrics on a subset."""
+    import shutil
+
+    import webdataset as wds
+
+    from tmass.config import parse_config
+    from tmass.data.stream import TooManyBadSamples
+    from tmass.evaluate import run
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    test = ["--test_shards", str(synthetic_shards / "test-{000000..000001}.tar"), "--num_workers", "0",
+            "--input_res", "32", "--stochastic_trials", "2"]
+    with pytest.raises(SystemExit, match="no trained weights to evaluate.*--random_init"):
+        run(parse_config(test + ["--exp_name", "X", "--DSL"]))
+    with pytest.raises(SystemExit, match="--load_epoch -1: no tmass run at"):
+        run(parse_config(test + ["--exp_name", "X", "--load_epoch", "-1", "--output_dir", str(work)]))
+    assert os.listdir(work) == []  # nothing scored, nothing written
+    with pytest.raises(SystemExit, match="1 of 3 test shard.s. missing, e.g. .*test-000002.tar"):
+        run(parse_config(["--test_shards", str(synthetic_shards / "test-{000000..000002}.tar"),
+                          "--checkpoint", str(exported)]))
+    random = run(parse_config(test + ["--random_init", "--clip_arch", "tiny", "--num_frames", "4"]))
+    assert random["model"]["kind"] == "random" and "RANDOM WEIGHTS" in capsys.readouterr().out
+    assert os.listdir(work) == ["eval_results_random_init.json"]
+
+    tok = str(synthetic_shards / "tokenizer")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(synthetic_shards / "test-000000.tar", cut / "test-000000.tar")
+    data = (synthetic_shards / "test-000001.tar").read_bytes()
+    (cut / "test-000001.tar").write_bytes(data[:len(data) // 2 + 100])  # cut mid-member
+    with pytest.raises(TooManyBadSamples, match="could not be read to the end.*test-000001.tar"):
+        run(parse_config(["--test_shards", str(cut / "test-{000000..000001}.tar"), "--checkpoint", str(exported),
+                          "--num_workers", "0", "--stochastic_trials", "2", "--tokenizer", tok]))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("test-000000.tar", "test-000001.tar"):
+        shutil.copy(synthetic_shards / name, bad / name)
+    with wds.TarWriter(str(bad / "test-000002.tar")) as w:  # 3 samples with captions and no video
+        for i in range(3):
+            w.write({"__key__": f"novideo{i}", "json": {"captions": ["a caption"]}})
+    args = ["--test_shards", str(bad / "test-{000000..000002}.tar"), "--checkpoint", str(exported),
+            "--num_workers", "0", "--stochastic_trials", "2", "--results", str(tmp_path / "r.json"), "--tokenizer", tok]
+    with pytest.raises(TooManyBadSamples, match="3 of 10 samples were skipped .no video bytes: 3.*test-000002"):
+        run(parse_config(args))
+    capsys.readouterr()
+    ok = run(parse_config(args + ["--max_bad_fraction", "0.5"]))
+    assert ok["num_videos"] == 7 and "7 videos (3 of 10 samples skipped)" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import torch
 
 import _reference as ref
 from tmass.config import ModelConfig
-from tmass.loss import tmass_loss
+from tmass.model.loss import tmass_loss
 from tmass.model.clip import clip_config, frame_features, text_features
 from tmass.model.pooling import TextConditionedPool
 from tmass.model.stochastic import (SimilarityRadius, all_cosines, counter_noise, keyed_noise, mix32,
@@ -76,6 +76,31 @@ def test_pooling_in_training_against_a_loop_values_and_gradients():
         torch.testing.assert_close(p.grad, sd[f"pool_frames.{name}"].grad, rtol=1e-8, atol=1e-10, msg=name)
     torch.testing.assert_close(t.grad, t2.grad, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(f.grad, f2.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_keyed_dropout_mask_per_pair_against_the_loop():
+    """dropout_key: pair (i, j)'s mask is a function of its global ids and the stream alone. The pooled values
+    equal the float64 loop with that mask; a block of pairs pooled alone (as another rank pools it) gets the
+    same values; about 1 - p of the mask is kept; another step's stream gives another mask."""
+    from tmass.model.stochastic import pair_dropout_mask
+
+    pool = perturbed(TextConditionedPool(D, dropout=0.3)).double().train()
+    t, f = rand(3, D, seed=1), rand(5, F, D, seed=2)
+    stream = (24, "dropout", 7, 0)
+    vids, tids = torch.arange(10, 15), torch.arange(3)
+    out = pool.pool(pool.text_side(t), pool.video_side(f), dropout_key=(stream, vids, tids))
+    mask = pair_dropout_mask(stream, vids, tids, D, 0.3, torch.float64)
+    sd = {f"pool_frames.{k}": v for k, v in pool.state_dict().items()}
+    for i in range(5):
+        for j in range(3):
+            torch.testing.assert_close(out[i, j], ref.pool_one(t[j], f[i], sd, mask=mask[i, j]), rtol=1e-10,
+                                       atol=1e-10)
+    part = pool.pool(pool.text_side(t[1:]), pool.video_side(f[3:]), dropout_key=(stream, vids[3:], tids[1:]))
+    torch.testing.assert_close(part, out[3:, 1:], rtol=1e-12, atol=1e-12)
+    big = pair_dropout_mask(stream, torch.arange(64), torch.arange(64), 512, 0.3)
+    assert torch.equal(big.unique(), torch.tensor([0.0, 1 / 0.7])) and abs((big > 0).float().mean().item() - 0.7) < 0.005
+    assert not torch.equal(big, pair_dropout_mask((24, "dropout", 8, 0), torch.arange(64), torch.arange(64), 512,
+                                                  0.3))
 
 
 def test_pooling_init_is_identity_projections():

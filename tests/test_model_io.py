@@ -114,8 +114,66 @@ def test_local_clip_directory_and_hub_names(tmp_path):
     CLIPModel(clip_config("tiny")).save_pretrained(tmp_path / "clip")
     clip = build_clip(str(tmp_path / "clip"))
     assert clip.logit_scale.shape == (1,) and clip.config.projection_dim == 32
-    with pytest.raises(FileNotFoundError, match="local directory holding a HF CLIP checkpoint"):
+    with pytest.raises(FileNotFoundError, match="not in the HF cache .*huggingface-cli download"):
         build_clip("openai/clip-vit-base-patch32")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        build_clip(str(tmp_path / "nowhere" / "clip"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a loadable CLIP checkpoint"):
         build_clip(str(tmp_path / "empty"))
+
+
+class _Payload:
+    """Unpickling this runs os.system: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_runs_code_is_refused_and_never_run(tmp_path):
+    """A .pth whose pickle calls os.system is refused by load_upstream and by load_model (launch/eval.py's
+    --checkpoint): the marker file that the payload would create never appears."""
+    from tmass.checkpoint import load_model
+    from tmass.model.io import UnsafeCheckpoint
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model_best.pth"
+    torch.save({"epoch": 3, "state_dict": upstream_state(), "extra": _Payload(marker)}, path)
+    with pytest.raises(UnsafeCheckpoint, match="will not unpickle it"):
+        load_upstream(fresh(), str(path))
+    with pytest.raises(UnsafeCheckpoint):
+        load_model(ModelConfig(clip_arch="tiny", num_frames=F), str(path))
+    assert not marker.exists()
+    torch.save({"epoch": 3, "state_dict": upstream_state()}, path)  # the same file without the payload loads
+    assert load_upstream(fresh(), str(path)) == {"epoch": 3}
+    path.write_bytes(path.read_bytes()[:1000])  # truncated: a clear error, not a traceback from the zip reader
+    with pytest.raises(CheckpointMismatch, match="not a readable torch checkpoint"):
+        load_upstream(fresh(), str(path))
+
+
+def test_a_hub_name_resolves_offline_through_the_hf_cache(tmp_path, monkeypatch):
+    """--clip_path org/name: the snapshot that a `huggingface-cli download` left in the cache (laid out here by
+    hand: models--org--name/refs/main and snapshots/<commit>/), loaded without the network; the tokenizer too."""
+    from tmass.data.tokenizer import resolve_tokenizer
+    from tmass.model.clip import resolve_clip_path
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-clip"
+    snap = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    torch.manual_seed(1)
+    CLIPModel(clip_config("tiny")).save_pretrained(snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(snap.name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_clip_path("someone/tiny-clip") == str(snap)
+    clip = build_clip("someone/tiny-clip")
+    torch.testing.assert_close(clip.text_projection.weight,
+                               CLIPModel.from_pretrained(snap).text_projection.weight)
+    assert resolve_tokenizer(None, "someone/tiny-clip", None) == str(snap)
+    with pytest.raises(FileNotFoundError, match=f"someone/other: not in the HF cache {cache}"):
+        resolve_clip_path("someone/other")

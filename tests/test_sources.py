@@ -29,6 +29,27 @@ def test_msrvtt_train_carries_every_caption_of_its_videos(fixtures_dir):
     assert by_id(seven)["video1000"].captions == ["two men talk about football"]
 
 
+def test_msrvtt_val_count_holds_train_videos_out(fixtures_dir):
+    """--val_count N: N train videos form the val split and leave train; the two partition the train csv, the
+    choice follows --seed; without it, asking for val says how to get one."""
+    d = os.path.join(fixtures_dir, "msrvtt")
+    full = [it.video_id for it in items("msrvtt", "train", anno_dir=d, videos_dir="/v")]
+    train = [it.video_id for it in items("msrvtt", "train", anno_dir=d, videos_dir="/v", val_count=1)]
+    val = by_id(items("msrvtt", "val", anno_dir=d, videos_dir="/v", val_count=1))
+    assert len(val) == 1 and sorted(train + list(val)) == sorted(full) and not set(train) & set(val)
+    assert train == [v for v in full if v not in val]  # the csv's order kept
+    (vid,) = val
+    assert val[vid].captions == by_id(items("msrvtt", "train", anno_dir=d, videos_dir="/v"))[vid].captions
+    picks = {next(iter(by_id(items("msrvtt", "val", anno_dir=d, videos_dir="/v", val_count=1, seed=s))))
+             for s in range(8)}
+    assert len(picks) > 1
+    assert SOURCES["msrvtt"].splits_for(SourceOptions(val_count=1)) == ("train", "val", "test")
+    with pytest.raises(AnnotationError, match="pass --val_count N"):
+        items("msrvtt", "val", anno_dir=d, videos_dir="/v")
+    with pytest.raises(AnnotationError, match="leaves no training video"):
+        items("msrvtt", "train", anno_dir=d, videos_dir="/v", val_count=4)
+
+
 def test_msrvtt_test_is_the_jsfusion_1k_a_rows(fixtures_dir):
     its = items("msrvtt", "test", anno_dir=os.path.join(fixtures_dir, "msrvtt"), videos_dir="/v")
     assert [(it.video_id, it.captions) for it in its] == [

@@ -205,16 +205,60 @@ def test_pairs_mode_sees_every_caption_of_a_shuffled_epoch(synthetic_shards):
     pairs = [(k, c) for b in bs for k, c in zip(b["keys"], b["captions"])]
     assert len(set(pairs)) == 60  # 20 videos x 3 captions, each once in the first 60 samples
     bs = train_batches(synthetic_shards, 20, shard_sampling="shuffled", caption_sampling="pairs", batch_size=3)
-    assert len({(k, c) for b in bs for k, c in zip(b["keys"], b["captions"])}) >= 50  # a buffer mixes epochs
+    assert len({(k, c) for b in bs for k, c in zip(b["keys"], b["captions"])}) == 60  # the buffer too
 
 
-def test_resume_from_a_position_continues_the_stream(synthetic_shards):
-    full = train_batches(synthetic_shards, 7, workers=2, video_sample_type="rand")
+def epoch_keys(root, urls, world, workers, micro, sampling="shuffled", buffer=8, epoch=0):
+    """Every rank's batches of one epoch of ceil(N / B) global batches, as train() asks for them."""
+    import math
+
+    from tmass.data.stream import manifest_counts
+
+    n = sum(c["count"] for c in manifest_counts(urls).values())
+    steps = math.ceil(n / (micro * world))
+    tok = load_tokenizer(str(root / "tokenizer"))
+    out = []
+    for rank in range(world):
+        ds = TrainStream(urls, cfg(num_workers=workers, batch_size=micro, shard_sampling=sampling,
+                                   shuffle_buffer=buffer), tok, steps, rank=rank, world=world,
+                         position=StreamPosition(epoch=epoch, streams=max(1, workers)))
+        out.append([b["keys"] for b in make_loader(ds, workers)])
+    return n, steps, out
+
+
+@pytest.mark.parametrize("world, workers, micro, shards_used, buffer", [
+    (2, 2, 2, 4, 8),     # 4 readers over 4 uneven shards (6, 6, 6, 2): B = 4, N = 20, exactly once
+    (2, 2, 3, 4, 8),     # B = 6: 4 steps hold 24 slots, so 4 samples are seen twice, none missed
+    (3, 2, 1, 2, 200),   # 6 readers over 2 shards (12 samples), a buffer larger than the epoch
+    (1, 0, 4, 1, 200),   # one shard, one reader, the buffer larger than the shard
+])
+def test_a_shuffled_epoch_sees_every_sample(synthetic_shards, world, workers, micro, shards_used, buffer):
+    """--shard_sampling shuffled: the distinct keys of one epoch, counted over every rank, are all of the
+    shards' samples, every rank makes the same number of batches, and the order differs between epochs."""
+    import webdataset as wds
+
+    urls = shards(synthetic_shards, "train")[:shards_used]
+    truth = {s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x,
+                                                  empty_check=False)}
+    n, steps, per_rank = epoch_keys(synthetic_shards, urls, world, workers, micro, buffer=buffer)
+    assert n == len(truth)
+    assert [len(r) for r in per_rank] == [steps] * world
+    seen = [k for r in per_rank for b in r for k in b]
+    assert set(seen) == truth and len(seen) == steps * micro * world
+    _, _, again = epoch_keys(synthetic_shards, urls, world, workers, micro, buffer=buffer, epoch=1)
+    assert sorted(seen) == sorted(k for r in again for b in r for k in b) or n < steps * micro * world
+    assert again != per_rank
+
+
+@pytest.mark.parametrize("sampling", ["resampled", "shuffled"])
+def test_resume_from_a_position_continues_the_stream(synthetic_shards, sampling):
+    full = train_batches(synthetic_shards, 7, workers=2, video_sample_type="rand", shard_sampling=sampling)
     pos = StreamPosition(streams=2)
     for b in full[:3]:
         pos.advance(b)
     pos = StreamPosition.from_state_dict(json.loads(json.dumps(pos.state_dict())))  # as a checkpoint stores it
-    rest = train_batches(synthetic_shards, 7, workers=2, position=pos, video_sample_type="rand")
+    rest = train_batches(synthetic_shards, 7, workers=2, position=pos, video_sample_type="rand",
+                         shard_sampling=sampling)
     assert len(rest) == 4
     for a, b in zip(full[3:], rest):
         assert a["keys"] == b["keys"] and a["captions"] == b["captions"]
@@ -258,6 +302,32 @@ def test_bad_and_hanging_samples_are_skipped_and_counted(tmp_path, synthetic_sha
     assert reasons.pop("no video bytes") == 1
     assert sum(reasons.values()) == 3 and set(reasons) <= {"decode error", "no frames"}
     assert batch["stats"]["seen"] == 8 and batch["stats"]["ok"] == 2
+
+
+@pytest.mark.parametrize("source", ["all-bad shard", "failing pipe", "empty shard"])
+def test_a_training_stream_with_no_good_sample_stops_with_the_shards_named(tmp_path, synthetic_shards, source):
+    """A shard whose every sample is bad, a `pipe:` command that fails, or a shard that holds nothing: the
+    training stream (which cycles its shards for ever) raises, naming the shard, instead of spinning."""
+    from tmass.data.stream import StreamStalled
+
+    tok = load_tokenizer(str(synthetic_shards / "tokenizer"))
+    url = str(tmp_path / "train-000000.tar")
+    if source == "all-bad shard":
+        with wds.TarWriter(url) as w:
+            for i in range(5):
+                w.write({"__key__": f"novideo{i}", "json": json.dumps({"captions": ["a caption"]}).encode()})
+        kw, shown = dict(stall_skips=40), "no video bytes: 40.*train-000000.tar"
+    elif source == "failing pipe":
+        url, kw, shown = "pipe:exit 3", dict(stall_skips=10), "unreadable shard .*pipe:exit 3"
+    else:
+        with wds.TarWriter(url):
+            pass
+        kw, shown = dict(stall_skips=0, stall_seconds=2.0), "no samples at all.*train-000000.tar"
+    t = time.time()
+    ds = TrainStream([url], cfg(**kw), tok, 3)
+    with pytest.raises(StreamStalled, match=shown):
+        list(make_loader(ds, 0))
+    assert time.time() - t < 30
 
 
 def test_too_many_bad_samples_names_the_worst_shards():

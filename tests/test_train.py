@@ -17,8 +17,12 @@ from conftest import REPO
 DS = os.path.join(REPO, "ds_configs")
 
 
-def test_global_batch_of_two_ranks_equals_one_rank(tmp_path):
-    """2 ranks x b = 4 give the loss and gradients of 1 rank x b = 8 (fp32, 1e-5), support term included."""
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_global_batch_of_two_ranks_equals_one_rank(tmp_path, dropout):
+    """2 ranks x b = 4 give the loss and gradients of 1 rank x b = 8 (fp32: loss to 1e-5, gradients to 1e-4
+    relative + 1e-5), support term included, also with the default dropout 0.3: each pair's mask is keyed by its
+    global ids and the step, so the two ranks (with different global RNGs) and the two directions of the loss
+    use the one mask that the single process uses."""
     from tmass.config import ModelConfig
     from tmass.model.tmass import TMASS
 
@@ -28,13 +32,17 @@ def test_global_batch_of_two_ranks_equals_one_rank(tmp_path):
     inputs = {"ids": ids, "mask": torch.ones(8, 9, dtype=torch.long),
               "video": torch.randn(8, 4, 3, 32, 32, generator=g),
               "eps": torch.rand(8, 32, generator=g)}
-    mp.spawn(__import__("_dist_workers").global_batch_worker, args=(2, free_port(), inputs, str(tmp_path)), nprocs=2)
+    mp.spawn(__import__("_dist_workers").global_batch_worker, args=(2, free_port(), inputs, str(tmp_path), dropout),
+             nprocs=2)
     got = torch.load(tmp_path / "dist.pt")
     torch.manual_seed(0)
-    model = TMASS(ModelConfig(clip_arch="tiny", num_frames=4, transformer_dropout=0.0, support_loss_weight=0.8))
-    out = model(inputs["ids"], inputs["mask"], inputs["video"], inputs["eps"])
+    model = TMASS(ModelConfig(clip_arch="tiny", num_frames=4, transformer_dropout=dropout, support_loss_weight=0.8))
+    out = model(inputs["ids"], inputs["mask"], inputs["video"], inputs["eps"], dropout_stream=(24, "dropout", 3, 0))
     out["loss"].backward()
     assert abs(got["loss"].item() - out["loss"].item()) < 1e-5
+    if dropout:  # the mask is there: another step's mask gives another loss
+        other = model(inputs["ids"], inputs["mask"], inputs["video"], inputs["eps"], dropout_stream=(24, "dropout", 4, 0))
+        assert abs(other["loss"].item() - out["loss"].item()) > 1e-4
     for n, p in model.named_parameters():
         torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
 
@@ -121,11 +129,17 @@ def test_every_cpu_capable_config_starts_and_steps(synthetic_shards, tmp_path, c
     (["--deepspeed_config", os.path.join(DS, "zero2_fp16.json")], "fp16, which DeepSpeed does not run on CPUs"),
     (["--batch_size", "6"], "not divisible by world size 4"),
     (["--train_shards", "/nowhere/train-{000000..000001}.tar"], "train shard(s) missing"),
-    (["--clip_arch", "ViT-L/14"], "--clip_arch must be one of"),
-    (["--videos_dir", "/v"], "build them with `python shards/build.py"),
+    (["--clip_arch", "ViT-L/14"], "argument --clip_arch: invalid choice: 'ViT-L/14'"),
+    (["--videos_dir", "/v"], "--videos_dir: tmass reads WebDataset shards: build them once with `tmass-build-shards"),
+    (["--log_step", "0"], "--log_step must be at least 1"),
+    (["--input_res", "64"], "--input_res 64, but the CLIP (--clip_arch tiny) takes 32 x 32 frames"),
+    (["--deepspeed_config", "BROKEN"], "is not valid JSON (line 1, column 22"),
 ])
 def test_wrong_flags_fail_before_any_process_group(synthetic_shards, tmp_path, extra, message):
     env = dict(os.environ, WORLD_SIZE="4", DS_ACCELERATOR="cpu")
+    if "BROKEN" in extra:
+        (tmp_path / "broken.json").write_text('{"train_batch_size": auto}')
+        extra = [str(tmp_path / "broken.json") if a == "BROKEN" else a for a in extra]
     p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train.py"),
                         *train_args(synthetic_shards, tmp_path), *extra], capture_output=True, text=True, env=env,
                        timeout=120, cwd=REPO)
@@ -143,9 +157,9 @@ def test_zero3_is_refused_with_the_fix(synthetic_shards, tmp_path):
 
 
 def _final(run, out):
-    from tmass.train import consolidated_state
+    from tmass.checkpoint import consolidated_state
 
-    _, state, _ = consolidated_state(str(run))
+    _, state, _, _ = consolidated_state(str(run), "latest")
     steps = {}
     for r in (0, 1):
         for line in (run / f"samples-rank{r}.jsonl").read_text().splitlines():
@@ -195,12 +209,13 @@ def test_torchrun_and_multi_positive(synthetic_shards, tmp_path):
 def test_xpool_baseline_trains_without_the_text_mass(synthetic_shards, tmp_path):
     """--deterministic_text: no noise in training, the radius frozen, and evaluation scores with t alone."""
     from tmass.config import parse_config
-    from tmass.train import load_training_checkpoint, train
+    from tmass.checkpoint import load_from_run
+    from tmass.train import train
 
     cfg = parse_config(train_args(synthetic_shards, tmp_path, "--deterministic_text", steps=2))
     assert cfg.model.deterministic_text and cfg.eval.deterministic_text
     train(cfg)
-    model = load_training_checkpoint(str(tmp_path / "run"), "step2")
+    model, _ = load_from_run(str(tmp_path / "run"), "step2")
     assert torch.equal(model.radius.linear_proj.weight[:4, :4], torch.eye(4))  # untouched identity init
     assert json.loads((tmp_path / "run" / "best.json").read_text())["results"]["trials"] == 0
 
@@ -277,3 +292,132 @@ def test_zero_flat_buffer_keeps_every_weight_16_byte_aligned(flags):
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert "clip.logit_scale" in out["odd"]  # the case that matters is there
     assert out["misaligned"] == []
+
+
+def test_a_run_keeps_its_evaluation_settings_and_refuses_a_changed_relaunch(synthetic_shards, tmp_path, capsys):
+    """One run of 2 epochs (5 steps each, 3 validation trials, seed 7), then: upstream's --exp_name/--load_epoch
+    find its checkpoints; evaluation takes the run's validation settings unless a flag overrides them, and says
+    what it scored; a relaunch with another batch size, learning rate or seed is refused with the differences,
+    config.json untouched; --allow_config_change lets it through, and a --max_steps below the step reached is
+    an error."""
+    from tmass.config import parse_config
+    from tmass.evaluate import run as evaluate_run
+    from tmass.train import train
+
+    base = train_args(synthetic_shards, tmp_path, "--num_epochs", "2", "--keep_last", "5", "--seed", "7",
+                      steps=0)
+    base[base.index("--max_steps"):base.index("--max_steps") + 2] = []
+    summary = train(parse_config(base))
+    assert summary["step"] == 10 and summary["steps_per_epoch"] == 5
+    best_step = json.loads((tmp_path / "run" / "best.json").read_text())["step"]
+    test = ["--test_shards", str(synthetic_shards / "test-{000000..000001}.tar"), "--num_workers", "0",
+            "--output_dir", str(tmp_path), "--exp_name", "run"]
+    capsys.readouterr()
+    r1 = evaluate_run(parse_config(test + ["--load_epoch", "1"]))
+    assert r1["model"]["tag"] == "step5" and r1["model"]["step"] == 5 and r1["model"]["kind"] == "run"
+    assert r1["trials"] == 3 and r1["seed"] == 7  # the run's, not the defaults (20 trials, seed 24)
+    out = capsys.readouterr()
+    assert "--stochastic_trials 3" in out.err and "--seed 7" in out.err
+    assert "step 5" in out.out and "21 texts x 7 videos (0 of 7 samples skipped)" in out.out
+    assert json.loads((tmp_path / "run" / "eval_results.json").read_text())["model"]["step"] == 5
+    best = evaluate_run(parse_config(test + ["--load_epoch", "-1", "--stochastic_trials", "5"]))
+    assert best["model"]["tag"] == "best" and best["model"]["step"] == best_step and best["trials"] == 5
+    with pytest.raises(SystemExit, match="no checkpoint of the end of epoch 3 was kept .epochs kept: 1, 2"):
+        evaluate_run(parse_config(test + ["--load_epoch", "3"]))
+    config_before = (tmp_path / "run" / "config.json").read_text()
+    for change, shown in ((["--batch_size", "8"], "--batch_size 4 -> 8"), (["--noclip_lr", "0.5"], "--noclip_lr"),
+                          (["--seed", "8"], "--seed 7 -> 8")):
+        with pytest.raises(SystemExit, match=f"these settings differ .*{shown}.*--allow_config_change"):
+            train(parse_config(base + change))
+    assert (tmp_path / "run" / "config.json").read_text() == config_before
+    with pytest.raises(SystemExit, match="--max_steps 3, but .* has already reached step 10"):
+        train(parse_config(base + ["--max_steps", "3", "--allow_config_change"]))
+    again = train(parse_config(base + ["--log_step", "5"]))  # a setting that may change: the finished run resumes
+    assert again["step"] == 10
+
+
+def test_the_bad_sample_check_holds_for_an_epoch_of_any_size(synthetic_shards, tmp_path):
+    """About 23% bad samples in an epoch of fewer than 100 samples (the in-epoch check waits for 100): the
+    check at the epoch's end stops the run, naming the bad shard."""
+    import shutil
+
+    import webdataset as wds
+
+    from tmass.config import parse_config
+    from tmass.data.stream import TooManyBadSamples
+    from tmass.train import train
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(4):
+        shutil.copy(synthetic_shards / f"train-{i:06d}.tar", shards / f"train-{i:06d}.tar")
+    with wds.TarWriter(str(shards / "train-000004.tar")) as w:
+        for i in range(6):
+            w.write({"__key__": f"novideo{i}", "json": json.dumps({"captions": ["a caption"]}).encode()})
+    args = train_args(synthetic_shards, tmp_path, "--train_shards", str(shards / "train-{000000..000004}.tar"),
+                      "--train_num_samples", "26", "--val_shards", "",
+                      "--num_epochs", "1", "--tokenizer", str(synthetic_shards / "tokenizer"), steps=100)
+    with pytest.raises(TooManyBadSamples, match=r"samples were skipped \(no video bytes: .*train-000004.tar"):
+        train(parse_config(args))
+
+
+def test_a_second_launch_on_a_live_run_is_refused_and_a_stale_lock_is_taken_over(synthetic_shards, tmp_path):
+    """run.lock: held by a live process of this host, the launch stops before any process group with the
+    holder named; held by a dead one, or by this SLURM job before its requeue, it is taken over and released
+    at the end."""
+    import socket
+
+    from tmass.config import parse_config
+    from tmass.train import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / "run.lock"
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "job": None}))
+        with pytest.raises(SystemExit, match=f"is in use by pid {holder.pid} on {socket.gethostname()}"):
+            train(parse_config(train_args(synthetic_shards, tmp_path, steps=1)))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads(lock.read_text())["pid"] == holder.pid  # refused: the lock is untouched
+    assert train(parse_config(train_args(synthetic_shards, tmp_path, steps=1)))["step"] == 1  # the holder died
+    assert not lock.exists()
+    lock.write_text(json.dumps({"host": "another-node", "pid": 1, "job": "4242"}))
+    os.environ["SLURM_JOB_ID"] = "4242"
+    try:  # the same job, requeued on another node: its own old lock
+        assert train(parse_config(train_args(synthetic_shards, tmp_path, "--allow_config_change",
+                                             steps=2)))["step"] == 2
+    finally:
+        del os.environ["SLURM_JOB_ID"]
+    lock.write_text(json.dumps({"host": "another-node", "pid": 1, "job": "77"}))  # a live job elsewhere
+    with pytest.raises(SystemExit, match="in use by pid 1 on another-node .SLURM job 77."):
+        train(parse_config(train_args(synthetic_shards, tmp_path, "--allow_config_change", steps=3)))
+
+
+def test_ranks_stop_with_a_checkpoint_when_the_launcher_alone_is_killed(synthetic_shards, tmp_path):
+    """SIGKILL to the `deepspeed` launcher only (not its process group): its ranks notice, save a checkpoint
+    together at the end of the step and exit, instead of training on as orphans; a relaunch resumes."""
+    args = train_args(synthetic_shards, tmp_path, "--save_every_steps", "1000", "--num_epochs", "20",
+                      "--val_shards", "", steps=60)
+    p = launch(args)
+    run = tmp_path / "run"
+    t = time.time()
+    while not (run / "train.log").exists() or "step 3 " not in (run / "train.log").read_text():
+        assert time.time() - t < 300 and p.poll() is None, "training did not start"
+        time.sleep(0.1)
+    ranks = subprocess.run(["pgrep", "-f", f"launch/train.py --local_rank.*{tmp_path}"], capture_output=True,
+                           text=True).stdout.split()
+    assert len(ranks) >= 2  # the 2 ranks and their loader workers
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    t = time.time()
+    while any(os.path.exists(f"/proc/{r}") and open(f"/proc/{r}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+              for r in ranks):
+        assert time.time() - t < 120, "the ranks train on without their launcher"
+        time.sleep(0.2)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "signal" and 3 <= summary["step"] < 60
+    assert (run / "checkpoints" / "latest").read_text() == f"step{summary['step']}"
+    assert not (run / "run.lock").exists()

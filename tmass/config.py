@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,12 @@ from dataclasses import dataclass, field
 CLIP_ARCHS = ("ViT-B/32", "ViT-B/16", "small", "tiny")
 PRIORS = ("uniform01", "normal")
 SUPPORT_CENTERS = ("upstream", "paper")
+TRAIN, EVAL, BOTH = "train", "eval", "both"  # which command line shows a flag
+
+
+def opt(default, help: str, use: str = BOTH, choices: tuple | None = None):
+    """A config field with its flag's help text, the command lines that show it, and its choices."""
+    return field(default=default, metadata={"help": help, "use": use, "choices": choices})
 
 
 def _check(checks: list[tuple[bool, str]]) -> None:
@@ -31,110 +38,149 @@ def _check(checks: list[tuple[bool, str]]) -> None:
             raise ValueError(message)
 
 
+def _check_choices(obj) -> None:
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        if choices and getattr(obj, f.name) not in choices:
+            raise ValueError(f"--{f.name} must be one of {', '.join(map(str, choices))}, not {getattr(obj, f.name)!r}")
+
+
 @dataclass
 class ModelConfig:
-    clip_arch: str = "ViT-B/32"  # ViT-B/32, ViT-B/16; small (the demo's) or tiny (the tests'): random CLIPs
-    clip_path: str | None = None  # a local HF CLIP checkpoint directory; none: random weights of clip_arch
-    num_frames: int = 12
-    transformer_dropout: float = 0.3
-    stochastic_prior: str = "uniform01"  # upstream default; or normal
-    stochastic_prior_std: float = 1.0  # std of the normal prior (LSMDC: 3e-3)
-    support_loss_weight: float = 0.0  # lambda_sup (MSR-VTT: 0.8)
-    support_center: str = "upstream"  # upstream: v-bar = mean over the batch's texts; paper: the pair's own v
-    grad_checkpointing: bool = False  # activation checkpointing of both CLIP towers
-    compile: bool = False  # torch.compile each CLIP encoder layer in place (ZeRO stages 0-2)
-    deterministic_text: bool = False  # the X-Pool baseline: train and score with t alone (no text mass)
+    """The network (method notes a)."""
+
+    clip_arch: str = opt("ViT-B/32", "CLIP architecture of random weights (without --clip_path); small and tiny "
+                                     "are the demo's and the tests' small random CLIPs", choices=CLIP_ARCHS)
+    clip_path: str | None = opt(None, "a local HF CLIP checkpoint directory, or a hub name already in the HF "
+                                      "cache (openai/clip-vit-base-patch16); none: random weights of --clip_arch")
+    num_frames: int = opt(12, "frames sampled per video")
+    transformer_dropout: float = opt(0.3, "dropout of the pooling's residual branch", use=TRAIN)
+    stochastic_prior: str = opt("uniform01", "distribution of the text mass's noise eps", choices=PRIORS)
+    stochastic_prior_std: float = opt(1.0, "std of the normal prior (LSMDC: 3e-3)")
+    support_loss_weight: float = opt(0.0, "lambda_sup, weight of the support-text loss (MSR-VTT: 0.8)", use=TRAIN)
+    support_center: str = opt("upstream", "the support text's centre: upstream (the video pooled with every text "
+                                          "of the batch, averaged) or paper (with its own text)", use=TRAIN,
+                              choices=SUPPORT_CENTERS)
+    grad_checkpointing: bool = opt(False, "activation checkpointing of both CLIP towers (less memory)", use=TRAIN)
+    compile: bool = opt(False, "torch.compile each CLIP encoder layer (ZeRO stages 0-2)", use=TRAIN)
+    deterministic_text: bool = opt(False, "the X-Pool baseline: train and score with t alone, no text mass")
 
     def __post_init__(self) -> None:
-        _check([(self.clip_arch in CLIP_ARCHS,
-                 f"--clip_arch must be one of {', '.join(CLIP_ARCHS)}, not {self.clip_arch!r}"),
-                (self.stochastic_prior in PRIORS, f"--stochastic_prior must be one of {', '.join(PRIORS)}, "
-                                                  f"not {self.stochastic_prior!r}"),
-                (self.support_center in SUPPORT_CENTERS, f"--support_center must be one of "
-                                                         f"{', '.join(SUPPORT_CENTERS)}, not {self.support_center!r}"),
-                (self.num_frames >= 1, "--num_frames must be at least 1"),
+        _check_choices(self)
+        _check([(self.num_frames >= 1, "--num_frames must be at least 1"),
                 (0.0 <= self.transformer_dropout < 1.0, "--transformer_dropout must be in [0, 1)")])
 
 
 @dataclass
 class DataConfig:
-    num_frames: int = 12  # set from the model's
-    video_sample_type: str = "uniform"  # upstream's default for train and test; or rand
-    input_res: int = 224
-    crop_scale_min: float = 0.5  # RandomResizedCrop's smallest area fraction in training
-    hflip_prob: float = 0.5  # horizontal flips in training (upstream's; they swap left and right)
-    batch_size: int = 32  # per rank in the streams; the global batch in TrainConfig (from the DeepSpeed JSON)
-    num_workers: int = 2  # loader workers per rank
-    caption_sampling: str = "random"  # a random caption each time a video is seen; or pairs (upstream)
-    shard_sampling: str = "resampled"  # with replacement; or shuffled (a permutation of the shards per epoch)
-    shuffle_buffer: int = 1000  # raw samples, before decoding (0 or 1: no shuffle buffer)
-    shuffle_initial: int = 100
-    decode_timeout: float = 10.0  # seconds; 0 disables the watchdog
-    max_bad_fraction: float = 0.05
-    seed: int = 24
+    """Shards -> batches."""
+
+    num_frames: int = opt(12, "(set from the model's)")
+    video_sample_type: str = opt("uniform", "which frames: the middle of each segment, or a random one",
+                                 choices=("uniform", "rand"))
+    input_res: int = opt(224, "frame size; follows the CLIP's image size unless given")
+    crop_scale_min: float = opt(0.5, "RandomResizedCrop's smallest area fraction in training", use=TRAIN)
+    hflip_prob: float = opt(0.5, "probability of a horizontal flip of a training clip", use=TRAIN)
+    batch_size: int = opt(32, "the global batch (all ranks); the DeepSpeed JSON may set it instead", use=TRAIN)
+    num_workers: int = opt(2, "data loader worker processes per rank")
+    caption_sampling: str = opt("random", "a random caption each time a video is seen, or one sample per "
+                                          "(video, caption) pair as upstream", use=TRAIN, choices=("random", "pairs"))
+    shard_sampling: str = opt("resampled", "shards drawn with replacement, or shuffled: every sample once per "
+                                           "epoch", use=TRAIN, choices=("resampled", "shuffled"))
+    shuffle_buffer: int = opt(1000, "samples in the shuffle buffer (0 or 1: none)", use=TRAIN)
+    shuffle_initial: int = opt(100, "samples buffered before the first one leaves", use=TRAIN)
+    decode_timeout: float = opt(10.0, "seconds before a hanging decode is abandoned (0: no watchdog)")
+    max_bad_fraction: float = opt(0.05, "stop when more than this fraction of samples is skipped as bad")
+    stall_skips: int = opt(2000, "stop a training stream after this many skipped samples in a row (0: off)",
+                           use=TRAIN)
+    stall_seconds: float = opt(600.0, "stop a training stream that gets no good sample for this long (0: off)",
+                               use=TRAIN)
+    seed: int = opt(24, "seeds the weights, the data order and every noise stream")
 
     def __post_init__(self) -> None:
-        _check([(self.video_sample_type in ("uniform", "rand"), "--video_sample_type must be uniform or rand"),
-                (self.caption_sampling in ("random", "pairs"), "--caption_sampling must be random or pairs"),
-                (self.shard_sampling in ("resampled", "shuffled"), "--shard_sampling must be resampled or shuffled"),
-                (self.num_frames >= 1, "--num_frames must be at least 1"),
+        _check_choices(self)
+        _check([(self.num_frames >= 1, "--num_frames must be at least 1"),
                 (self.batch_size >= 1, "--batch_size must be at least 1"),
                 (self.num_workers >= 0, "--num_workers must be 0 or more"),
-                (0 <= self.max_bad_fraction <= 1, "--max_bad_fraction must be in [0, 1]")])
+                (0 <= self.max_bad_fraction <= 1, "--max_bad_fraction must be in [0, 1]"),
+                (self.stall_skips >= 0 and self.stall_seconds >= 0, "--stall_skips and --stall_seconds must be "
+                                                                     "0 (off) or more")])
 
 
 @dataclass
 class EvalConfig:
-    test_shards: str | None = None  # webdataset URLs of the test split
-    checkpoint: str | None = None  # a training output dir / DeepSpeed checkpoint, an exported dir, or upstream .pth
-    tokenizer: str | None = None  # default: --clip_path, else the shards' tokenizer/ folder
-    stochastic_trials: int = 20  # M (upstream spells the flag --stochasic_trials; both work)
-    trial_noise: str = "per_text"  # per_text: common random numbers per (text, trial); per_pair: as upstream
-    eval_chunk: int = 8192  # (text, video) pairs scored at once: bounds memory (8192 was fastest on 2 cores)
-    eval_compile: str = "auto"  # torch.compile the per_pair scorer: yes, no, or auto (yes from 10^5 pairs)
-    eval_protocol: str = "leakfree"  # or upstream: the candidate pooled with its own caption (leaky)
-    deterministic_text: bool = False  # score with t alone (the X-Pool baseline)
-    dsl: bool = False  # dual softmax over the queries (transductive)
-    save_sims: str | None = None  # write the full [N_t, N_v] score matrix here (.npy); nothing else holds it
-    eval_batch_size: int = 32  # videos per encoding batch
-    results: str | None = None  # the results JSON (default: beside the checkpoint, or ./eval_results.json)
-    tensorboard_dir: str | None = None
+    """The sharded, leak-free evaluation (and validation during training)."""
+
+    test_shards: str | None = opt(None, "webdataset URLs of the test split, e.g. 'shards/test-{000000..000004}.tar'",
+                                  use=EVAL)
+    checkpoint: str | None = opt(None, "a training run directory, an exported directory, or an upstream .pth",
+                                 use=EVAL)
+    load_epoch: int | None = opt(None, "upstream's: with --exp_name, -1 its best checkpoint, N the end of epoch N",
+                                 use=EVAL)
+    random_init: bool = opt(False, "evaluate a randomly initialised model on purpose (no checkpoint)", use=EVAL)
+    tokenizer: str | None = opt(None, "tokenizer directory (default: the run's, --clip_path's, or the shards' "
+                                      "tokenizer/)")
+    stochastic_trials: int = opt(20, "M, stochastic texts tried per (text, video) pair (alias --stochasic_trials)")
+    trial_noise: str = opt("per_text", "per_text: one noise draw per (text, trial), shared by all videos; "
+                                       "per_pair: one per (text, video, trial), as upstream",
+                           choices=("per_text", "per_pair"))
+    eval_chunk: int = opt(8192, "(text, video) pairs scored at once: bounds memory")
+    eval_compile: str = opt("auto", "torch.compile the per_pair scorer (auto: from 10^5 pairs)",
+                            choices=("auto", "yes", "no"))
+    eval_protocol: str = opt("leakfree", "leakfree, or upstream: the leaky score of the upstream code, only to "
+                                         "compare with published numbers", choices=("leakfree", "upstream"))
+    deterministic_text: bool = opt(False, "score with t alone (the X-Pool baseline)")
+    dsl: bool = opt(False, "dual softmax over the queries (transductive; alias --DSL)")
+    save_sims: str | None = opt(None, "write the full [N_t, N_v] score matrix to this .npy", use=EVAL)
+    eval_batch_size: int = opt(32, "videos per encoding batch")
+    results: str | None = opt(None, "the results JSON (default: eval_results.json in the run or export dir)",
+                              use=EVAL)
+    tensorboard_dir: str | None = opt(None, "also write the test metrics to this TensorBoard folder", use=EVAL)
 
     def __post_init__(self) -> None:
-        _check([(self.trial_noise in ("per_text", "per_pair"), "--trial_noise must be per_text or per_pair"),
-                (self.eval_protocol in ("leakfree", "upstream"), "--eval_protocol must be leakfree or upstream"),
-                (self.stochastic_trials >= 1, "--stochastic_trials must be at least 1"),
-                (self.eval_chunk >= 1, "--eval_chunk must be at least 1"),
-                (self.eval_compile in ("auto", "yes", "no"), "--eval_compile must be auto, yes or no")])
+        _check_choices(self)
+        _check([(self.stochastic_trials >= 1, "--stochastic_trials must be at least 1"),
+                (self.eval_chunk >= 1, "--eval_chunk must be at least 1")])
 
 
 @dataclass
 class TrainConfig:
-    train_shards: str | None = None
-    val_shards: str | None = None  # model selection uses these, never the test split
-    train_num_samples: int | None = None  # needed only for shards without a manifest (e.g. pipe: URLs)
-    deepspeed_config: str | None = None  # ds_configs/*.json: batch, accumulation, clipping, precision
-    output_dir: str = "./outputs"
-    exp_name: str = "tmass"
-    num_epochs: int = 5
-    max_steps: int | None = None  # stop after this many optimiser steps (demo, smoke tests)
-    clip_lr: float = 1e-6
-    noclip_lr: float = 1e-5
-    weight_decay: float = 0.2
-    warmup_proportion: float = 0.1
-    no_decay_norm_bias: bool = False  # exclude norms, biases and logit_scale from weight decay
-    multi_positive: bool = False  # pairs of the same video in a global batch count as positives
-    log_step: int = 10
-    save_every_steps: int = 500
-    keep_last: int = 3
-    evals_per_epoch: int = 1  # validations per epoch on --val_shards
-    log_samples: bool = False  # append the keys and captions of every step to samples-rank{r}.jsonl (audits)
-    local_rank: int = -1  # set by the deepspeed launcher
+    """Optimisation, checkpoints, logs."""
+
+    train_shards: str | None = opt(None, "webdataset URLs of the training split (build them with "
+                                         "tmass-build-shards)", use=TRAIN)
+    val_shards: str | None = opt(None, "URLs of the validation split: selects the best checkpoint (never the "
+                                       "test split)", use=TRAIN)
+    train_num_samples: int | None = opt(None, "samples per epoch, for shards without a manifest (pipe: URLs)",
+                                        use=TRAIN)
+    deepspeed_config: str | None = opt(None, "a ds_configs/*.json: batch, accumulation, clipping, precision, ZeRO",
+                                       use=TRAIN)
+    output_dir: str = opt("./outputs", "where runs live: {output_dir}/{exp_name}")
+    exp_name: str = opt("tmass", "the run's name; relaunching the same name resumes it")
+    num_epochs: int = opt(5, "epochs", use=TRAIN)
+    max_steps: int | None = opt(None, "stop after this many optimiser steps", use=TRAIN)
+    clip_lr: float = opt(1e-6, "learning rate of the CLIP towers", use=TRAIN)
+    noclip_lr: float = opt(1e-5, "learning rate of the pooling and the radius", use=TRAIN)
+    weight_decay: float = opt(0.2, "AdamW's weight decay", use=TRAIN)
+    warmup_proportion: float = opt(0.1, "fraction of the steps of linear warm-up, then cosine to 0", use=TRAIN)
+    no_decay_norm_bias: bool = opt(False, "no weight decay on norms, biases and logit_scale", use=TRAIN)
+    multi_positive: bool = opt(False, "pairs of the same video in a global batch count as positives", use=TRAIN)
+    log_step: int = opt(10, "log every N optimiser steps", use=TRAIN)
+    save_every_steps: int = opt(500, "checkpoint every N steps (and at every epoch's end)", use=TRAIN)
+    keep_last: int = opt(3, "step checkpoints kept (best is kept apart)", use=TRAIN)
+    evals_per_epoch: int = opt(1, "validations per epoch on --val_shards", use=TRAIN)
+    log_samples: bool = opt(False, "append every step's keys and captions to samples-rank{r}.jsonl", use=TRAIN)
+    allow_config_change: bool = opt(False, "resume a run although settings that change it differ from its "
+                                           "config.json", use=TRAIN)
+    verbose: bool = opt(False, "show DeepSpeed's INFO lines and library warnings")
+    local_rank: int = opt(-1, "(set by the deepspeed launcher)")
 
     def __post_init__(self) -> None:
         _check([(self.num_epochs >= 1, "--num_epochs must be at least 1"),
                 (0 <= self.warmup_proportion < 1, "--warmup_proportion must be in [0, 1)"),
                 (self.keep_last >= 1, "--keep_last must be at least 1"),
+                (self.log_step >= 1, "--log_step must be at least 1 (log every N optimiser steps)"),
+                (self.evals_per_epoch >= 1, "--evals_per_epoch must be at least 1"),
                 (self.save_every_steps >= 1, "--save_every_steps must be at least 1")])
 
 
@@ -193,7 +239,6 @@ UPSTREAM_NOOPS = {
     "metric": "t2v and v2t are both computed",
     "save_memory_mode": "evaluation memory is bounded by --eval_chunk",
     "raw_video": "videos come from shards",
-    "load_epoch": "pass --checkpoint",
     "eval_window_size": "the best checkpoint is chosen by validation R@1",
     "save_every": "use --save_every_steps",
     "skip_eval": "",
@@ -203,9 +248,11 @@ UPSTREAM_NOOPS = {
     "batch_size_split": "",
 }
 UPSTREAM_ERRORS = {
-    "videos_dir": "tmass reads WebDataset shards: build them with `python shards/build.py --source ... "
-                  "--videos_dir DIR --out SHARDS`, then pass --train_shards/--val_shards/--test_shards",
-    "msrvtt_train_file": "choose the split when building shards (shards/build.py --msrvtt_train_file 9k|7k)",
+    "videos_dir": "tmass reads WebDataset shards: build them once with `tmass-build-shards --source msrvtt "
+                  "--anno_dir ANNS --videos_dir DIR --out SHARDS`, then pass --train_shards/--val_shards/"
+                  "--test_shards",
+    "msrvtt_train_file": "the train list is chosen when the shards are built (tmass-build-shards "
+                         "--msrvtt_train_file 9k|7k)",
 }
 
 
@@ -217,43 +264,91 @@ def _type_of(f: dataclasses.Field):
 
 _owner = {f.name: sec for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 _owner.update(num_frames="model", deterministic_text="model")
+REQUIRED = {TRAIN: {"deepspeed_config": "e.g. ds_configs/zero2_bf16.json on GPUs, ds_configs/cpu_fp32.json on CPUs",
+                    "train_shards": "the shards of the training split (tmass-build-shards writes them)"},
+            EVAL: {"test_shards": "the shards of the test split (tmass-build-shards writes them)"}}
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviations, whose unknown-flag error suggests the nearest flags."""
+
+    def error(self, message: str):
+        import difflib
+
+        if message.startswith("unrecognized arguments:"):
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            hints = []
+            for arg in message.split(":", 1)[1].split():
+                if arg.startswith("--"):
+                    near = difflib.get_close_matches(arg.split("=")[0], known, n=2, cutoff=0.6)
+                    hints.append(f"{arg}" + (f" (did you mean {' or '.join(near)}?)" if near else ""))
+            if hints:
+                message = f"unknown flag(s): {', '.join(hints)}; `{self.prog} --help` lists them"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+DESCRIPTIONS = {
+    TRAIN: "Train T-MASS with DeepSpeed (relaunching the same command resumes the run). Run it under deepspeed, "
+           "torchrun, srun or plain python.",
+    EVAL: "Evaluate a trained T-MASS on test shards: the sharded, leak-free stochastic evaluation, t2v and v2t.",
+    BOTH: __doc__,
+}
+METAVARS = {int: "N", float: "X", str: "S"}
+
+
+def build_parser(prog: str, mode: str = BOTH) -> argparse.ArgumentParser:
+    """The flags of `mode` (train: launch/train.py, eval: launch/eval.py), grouped by section, with help,
+    defaults and choices. The other command's flags are accepted without help, so that an upstream command
+    line (which passes training flags to test.py) runs; parse_config notes the ignored ones."""
+    p = Parser(prog=prog, description=DESCRIPTIONS[mode], usage="%(prog)s [--flag VALUE ...]",
+               argument_default=argparse.SUPPRESS, allow_abbrev=False)
     p.add_argument("--preset", choices=sorted(PRESETS), help="per-dataset values of the upstream README")
     p.add_argument("--dataset_name", choices=sorted(DATASET_NAMES), help="upstream's flag: the same as --preset")
     p.add_argument("--config", help="a resolved config JSON (a run writes one beside its checkpoints)")
     seen = set()
     for sec, cls in SECTIONS.items():
-        g = p.add_argument_group(sec)
+        g = p.add_argument_group(sec, (cls.__doc__ or "").strip())
         for f in dataclasses.fields(cls):
             if f.name in seen:
                 continue
             seen.add(f.name)
             names = [f"--{f.name}"] + [f"--{a}" for a, t in ALIASES.items() if t == f.name]
+            shown = mode == BOTH or f.metadata.get("use", BOTH) in (BOTH, mode)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            text = f.metadata.get("help", "")
+            if default not in (None, False, ""):
+                text += f" (default {default})"
+            kw = {"help": text if shown else argparse.SUPPRESS, "dest": f.name}
             kind = _type_of(f)
             if kind is bool:
-                g.add_argument(*names, dest=f.name, action="store_true")
+                g.add_argument(*names, action="store_true", **kw)
             else:
-                g.add_argument(*names, dest=f.name, type=kind, metavar=f.name.upper())
-    for name in UPSTREAM_NOOPS:
-        p.add_argument(f"--{name}", dest=f"noop_{name}", help=argparse.SUPPRESS)
-    for name in UPSTREAM_ERRORS:
-        p.add_argument(f"--{name}", dest=f"error_{name}", help=argparse.SUPPRESS)
+                choices = f.metadata.get("choices")
+                g.add_argument(*names, type=kind, metavar=None if choices else METAVARS.get(kind, "S"),
+                               choices=choices, **kw)
+    for name in list(UPSTREAM_NOOPS) + list(UPSTREAM_ERRORS):
+        p.add_argument(f"--{name}", dest=f"upstream_{name}", help=argparse.SUPPRESS)
     return p
 
 
-def parse_config(argv: list[str] | None = None, prog: str = "tmass") -> Config:
-    """Defaults < --config JSON < --preset < explicit flags. Raises SystemExit with the fix on bad input."""
-    args = vars(build_parser(prog).parse_args(argv))
-    for name, fix in UPSTREAM_ERRORS.items():
-        if f"error_{name}" in args:
-            raise SystemExit(f"error: --{name} has no meaning here: {fix}")
-    for name, note in UPSTREAM_NOOPS.items():
-        if args.pop(f"noop_{name}", None) is not None and note:
-            print(f"note: --{name} is ignored: {note}", file=sys.stderr)
+def parse_config(argv: list[str] | None = None, prog: str = "tmass", mode: str = BOTH) -> Config:
+    """Defaults < --config JSON < --preset < explicit flags. Raises SystemExit with the fix on bad input: every
+    upstream flag that has no meaning here and every missing required flag, in one message."""
+    args = vars(build_parser(prog, mode).parse_args(argv))
+    problems = [f"--{name}: {fix}" for name, fix in UPSTREAM_ERRORS.items() if f"upstream_{name}" in args]
+    notes = [f"--{name} ({note})" if note else f"--{name}" for name, note in UPSTREAM_NOOPS.items()
+             if args.pop(f"upstream_{name}", None) is not None]
+    for name in UPSTREAM_ERRORS:
+        args.pop(f"upstream_{name}", None)
+    if mode != BOTH:
+        problems += [f"--{name} is required: {what}" for name, what in REQUIRED[mode].items() if name not in args]
+        other = sorted(n for n in args if n in _owner and _field(n).metadata.get("use", BOTH) not in (BOTH, mode))
+        if other:
+            notes.append(f"{', '.join('--' + n for n in other)} (not used by {prog})")
+    if problems:
+        raise SystemExit(f"error: {prog}: " + "; ".join(problems))
+    if notes and os.environ.get("RANK", "0") == "0":
+        print(f"note: ignored: {'; '.join(notes)}", file=sys.stderr)
     base = {sec: {} for sec in SECTIONS}
     if "config" in args:
         with open(args.pop("config")) as f:
@@ -269,3 +364,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "tmass") -> Config:
                       explicit=frozenset(args))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(SECTIONS[_owner[name]]) if f.name == name)

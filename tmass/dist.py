@@ -85,6 +85,75 @@ def init(timeout_minutes: int = 30) -> DistInfo:
     return DistInfo(tdist.get_rank(), tdist.get_world_size(), local, device)
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (a killed launcher stays a zombie until it is reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+LAUNCHERS = ("deepspeed", "torchrun", "torch.distributed.run", "torch.distributed.launch")
+
+
+def launcher_chain(pid: int | None = None) -> list[int]:
+    """The launcher processes above this one: its parent, and up from there while the command line is that of
+    a launcher (`deepspeed` runs `deepspeed.launcher.launch`, which runs the ranks; torchrun runs them itself).
+    Empty for a plain process or an srun task (slurmstepd stops its tasks itself)."""
+    chain, pid = [], _parent_of(os.getpid() if pid is None else pid)
+    while pid > 1 and any(name in _cmdline(pid) for name in LAUNCHERS):
+        chain.append(pid)
+        pid = _parent_of(pid)
+    return chain
+
+
+def exit_with_launcher(sig: int = 15, every: float = 2.0) -> list[int]:
+    """When a launcher above this rank dies (killed alone, its ranks would train on as orphans), send `sig`
+    (SIGTERM: the trainer's handler checkpoints at the end of the step and stops) to this process. The parent
+    is watched by the kernel (PR_SET_PDEATHSIG), the launchers above it by a daemon thread. Returns the chain."""
+    import ctypes
+    import signal
+    import threading
+    import time
+
+    chain = launcher_chain()
+    if not chain:
+        return chain
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            gone = os.getppid() != parent or not all(_alive(p) for p in chain)
+            if gone:
+                os.kill(os.getpid(), signal.Signals(sig))
+                return
+
+    threading.Thread(target=watch, name="tmass-launcher-watch", daemon=True).start()
+    return chain
+
+
 def world() -> int:
     return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
 

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -56,12 +57,18 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def encode(model, batches, device: torch.device, autocast_dtype: torch.dtype | None = None) -> Encoded:
-    """Encode this rank's share, then gather every share into one order (sorted by shard and position)."""
+def encode(model, batches, device: torch.device, autocast_dtype: torch.dtype | None = None,
+           progress: bool = False) -> Encoded:
+    """Encode this rank's share, then gather every share into one order (sorted by shard and position).
+    progress: a bar of this rank's videos per second."""
+    from tqdm import tqdm
+
     from .data.stream import SkipStats
 
     texts, frames, vid_order, text_order, keys, stats = [], [], [], [], [], {}
+    bar = tqdm(desc="encode (rank 0)", unit="video", disable=not progress, mininterval=2, dynamic_ncols=True)
     for b in batches:
+        bar.update(len(b["keys"]))
         stats[b["reader"]] = b["stats"]  # cumulative per reader: keep the last
         if len(b["keys"]) == 0:
             continue
@@ -72,6 +79,7 @@ def encode(model, batches, device: torch.device, autocast_dtype: torch.dtype | N
         vid_order.append(order)
         text_order.append(torch.stack([order[b["text_video"]], b["caption_index"].long()], dim=1))
         keys += b["keys"]
+    bar.close()
     dim, nf = model.dim, model.cfg.num_frames
     frames_t = (torch.cat(frames) if frames else torch.empty(0, nf, dim, device=device)).contiguous()
     texts_t = (torch.cat(texts) if texts else torch.empty(0, dim, device=device)).to(frames_t.dtype)
@@ -84,8 +92,9 @@ def encode(model, batches, device: torch.device, autocast_dtype: torch.dtype | N
     vsort = torch.argsort(vid_order_t)  # global video index = place in the sorted order
     text_video = torch.searchsorted(vid_order_t[vsort].contiguous(), text_order_t[:, 0].contiguous())
     tsort = torch.argsort(text_video * 2**20 + text_order_t[:, 1])
-    total = SkipStats.total([s | {"shards": {}} for s in dist.gather_objects(list(stats.values()))])
-    skipped = {"seen": total["seen"], "ok": total["ok"], "reasons": dict(total["reasons"])}
+    total = SkipStats.total(dist.gather_objects(list(stats.values())))
+    skipped = {"seen": total["seen"], "ok": total["ok"], "reasons": dict(total["reasons"]),
+               "shards": dict(total["shards"])}
     return Encoded(texts_t[tsort], frames_t[vsort], text_video[tsort], [keys[i] for i in vsort.tolist()], skipped)
 
 
@@ -204,9 +213,15 @@ def leaky_scores(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: to
     return torch.einsum("tvd,vd->tv", chosen, own_hat)
 
 
-def deterministic_scores(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide) -> torch.Tensor:
-    """cos(t_j, psi(v_i | t_j)) [c_t, c_v]: the X-Pool baseline, no trials."""
-    return torch.bmm(pooled(model, q, side), F.normalize(t.float(), dim=-1)[:, :, None]).squeeze(-1)
+def deterministic_scores(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide,
+                         own_hat: torch.Tensor | None = None) -> torch.Tensor:
+    """cos(t_j, psi(v_i | t_j)) [c_t, c_v]: the X-Pool baseline, no trials. With own_hat [c_v, D] (--eval_protocol
+    upstream, leaky): cos(t_j, psi(v_i | t_i)), upstream's procedure with one trial of zero noise (the chosen text
+    is t_j itself, scored against the candidate pooled with its own caption)."""
+    t_hat = F.normalize(t.float(), dim=-1)
+    if own_hat is not None:
+        return t_hat @ own_hat.T
+    return torch.bmm(pooled(model, q, side), t_hat[:, :, None]).squeeze(-1)
 
 
 _compiled: dict = {}
@@ -286,7 +301,7 @@ def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: i
             else:
                 noise = eps
             if not stochastic:
-                s = deterministic_scores(model, t, q, side[vids])
+                s = deterministic_scores(model, t, q, side[vids], None if own_hat is None else own_hat[vids])
             elif own_hat is not None:
                 s = leaky_scores(model, t, q, side[vids], enc.frames[vids], f_inv[vids], noise, prior, std,
                                  own_hat[vids])
@@ -325,12 +340,14 @@ def own_caption_pooled(model, enc: Encoded) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- the whole thing
 @torch.no_grad()
 def evaluate(model, batches, cfg: EvalConfig, seed: int, device: torch.device,
-             autocast_dtype: torch.dtype | None = None) -> dict:
-    """Encode, score and rank on every rank; every rank returns the same results dict."""
+             autocast_dtype: torch.dtype | None = None, max_bad_fraction: float = 0.0, progress: bool = False) -> dict:
+    """Encode, score and rank on every rank; every rank returns the same results dict. An unreadable shard, or
+    more skipped samples than `max_bad_fraction`, is an error (check_skipped)."""
     was_training = model.training
     model.eval()
     t0 = time.time()
-    enc = encode(model, batches, device, autocast_dtype)
+    enc = encode(model, batches, device, autocast_dtype, progress)
+    check_skipped(enc.skipped, max_bad_fraction)
     t1 = time.time()
     results = rank_all(model, enc, cfg, seed)
     model.train(was_training)
@@ -382,27 +399,126 @@ def rank_all(model, enc: Encoded, cfg: EvalConfig, seed: int) -> dict:
 def format_table(results: dict) -> str:
     cols = ["R@1", "R@5", "R@10", "R@50", "MdR", "MnR"]
     head = f"{'':5}" + "".join(f"{c:>8}" for c in cols)
-    lines = [f"{results['protocol']}, {results['num_texts']} texts x {results['num_videos']} videos, "
-             f"{results['trials']} trials ({results['trial_noise']}), seed {results['seed']}"
-             + (", DSL" if results["dsl"] else ""), head]
+    lines = []
+    if "model" in results:
+        lines.append(f"model: {describe_model(results['model'])}")
+    sk = results.get("skipped", {})
+    bad = sum(sk.get("reasons", {}).values())
+    lines.append(f"{results['protocol']}, {results['num_texts']} texts x {results['num_videos']} videos"
+                 + (f" ({bad} of {sk.get('seen', 0)} samples skipped)" if sk else "")
+                 + f", {results['trials']} trials ({results['trial_noise']}), seed {results['seed']}"
+                 + (", DSL" if results["dsl"] else ""))
+    lines.append(head)
     for d in ("t2v", "v2t"):
         lines.append(f"{d:5}" + "".join(f"{results[d][c]:>8.2f}" for c in cols))
     return "\n".join(lines)
 
 
+def describe_model(info: dict) -> str:
+    if info["kind"] == "random":
+        return "RANDOM WEIGHTS (--random_init): not a trained model"
+    where = info.get("checkpoint")
+    parts = [p for p in (info.get("tag") and f"checkpoint {info['tag']}",
+                         info.get("step") is not None and f"step {info['step']}",
+                         info.get("epoch") is not None and f"epoch {info['epoch']}") if p]
+    return f"{where} ({info['kind']}{', ' + ', '.join(parts) if parts else ''})"
+
+
+def resolve_checkpoint(cfg) -> tuple[str | None, str | None]:
+    """(path, tag) of the weights to evaluate: --checkpoint; or upstream's --exp_name E --load_epoch -1|N,
+    the best checkpoint or the end of epoch N of the run {output_dir}/E; or None with --random_init."""
+    from .checkpoint import checkpoints_dir, epoch_tag, is_run_dir, run_dir
+
+    ev = cfg.eval
+    path = ev.checkpoint
+    if path is None and ev.load_epoch is not None:
+        path = run_dir(cfg.train.output_dir, cfg.train.exp_name)
+        if not is_run_dir(path):
+            raise SystemExit(f"error: --exp_name {cfg.train.exp_name} --load_epoch {ev.load_epoch}: no tmass run at "
+                             f"{path}; pass --output_dir where the run lives, or --checkpoint RUN_DIR")
+    if path is None:
+        if not ev.random_init:
+            raise SystemExit("error: no trained weights to evaluate: pass --checkpoint RUN_DIR (or an export dir, "
+                             "or an upstream .pth), or --exp_name NAME --load_epoch -1 for that run's best "
+                             "checkpoint; --random_init scores a randomly initialised model on purpose")
+        return None, None
+    if ev.random_init:
+        raise SystemExit("error: --random_init and a checkpoint contradict each other; drop one")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --checkpoint {path}: no such file or directory")
+    if ev.load_epoch is None or ev.load_epoch == -1:
+        return path, None
+    if not is_run_dir(path):
+        raise SystemExit(f"error: --load_epoch {ev.load_epoch} needs a tmass run directory, and {path} is not one")
+    try:
+        return path, epoch_tag(checkpoints_dir(path), ev.load_epoch)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def adopt_eval_settings(cfg, info: dict) -> list[str]:
+    """The run's validation settings (trials, noise, protocol, DSL, deterministic text, seed) for every one of
+    them not given explicitly; returns the `--flag value` notes of those taken."""
+    taken = []
+    for name, value in (info.get("eval_settings") or {}).items():
+        section = cfg.data if name == "seed" else cfg.eval
+        if name in cfg.explicit or getattr(section, name) == value:
+            continue
+        setattr(section, name, value)
+        taken.append(f"--{name} {value}")
+    return taken
+
+
+def check_test_shards(urls: list[str]) -> None:
+    missing = [u for u in urls if not u.startswith("pipe:") and "://" not in u and not os.path.isfile(u)]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} of {len(urls)} test shard(s) missing, e.g. {missing[0]}; a "
+                         f"subset would give other numbers: fix --test_shards")
+
+
+def check_skipped(skipped: dict, limit: float) -> None:
+    """Scoring a subset of the test set silently is wrong: an unreadable shard, or more skipped samples than
+    --max_bad_fraction allows, is an error."""
+    from .data.stream import TooManyBadSamples, check_bad_fraction
+
+    unreadable = {r: n for r, n in skipped.get("reasons", {}).items() if r.startswith("unreadable shard")}
+    if unreadable:
+        shards = ", ".join(sorted(skipped.get("shards", {}))[:5])
+        raise TooManyBadSamples(f"test shard(s) could not be read to the end ({', '.join(unreadable)}): {shards}; "
+                                f"rebuild them with shards/build.py")
+    check_bad_fraction({"seen": skipped["seen"], "reasons": Counter(skipped.get("reasons", {})),
+                        "shards": Counter(skipped.get("shards", {}))}, limit, min_seen=1)
+
+
 def run(cfg) -> dict:
     """`launch/eval.py`: load the model, stream the test shards over all ranks, evaluate, report."""
+    from .checkpoint import load_model
     from .config import Config
-    from .data.stream import EvalStream, expand_shards, make_loader
+    from .data.shardlist import expand_shards
+    from .data.stream import EvalStream, make_loader
     from .data.tokenizer import load_tokenizer, resolve_tokenizer
-    from .model.io import load_model
 
     assert isinstance(cfg, Config)
     if not cfg.eval.test_shards:
         raise SystemExit("error: --test_shards is required (build them with shards/build.py)")
+    urls = expand_shards(cfg.eval.test_shards)
+    check_test_shards(urls)
+    path, tag = resolve_checkpoint(cfg)
+    if cfg.model.clip_path:
+        from .model.clip import resolve_clip_path
+
+        try:
+            cfg.model.clip_path = resolve_clip_path(cfg.model.clip_path)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}") from None
     info = dist.init()
-    model = load_model(cfg.model, cfg.eval.checkpoint).to(info.device)
-    cfg.check_model(model.cfg, cfg.eval.checkpoint or "the random model")
+    model, source = load_model(cfg.model, path, tag)
+    model = model.to(info.device)
+    cfg.check_model(model.cfg, path or "the random model")
+    taken = adopt_eval_settings(cfg, source)
+    if taken and info.is_main:
+        print(f"note: evaluating with the settings the run was validated with: {', '.join(taken)} "
+              f"(give a flag to override)", file=sys.stderr)
     cfg.eval.deterministic_text |= model.cfg.deterministic_text  # a baseline trained without the mass
     cfg.data.num_frames = model.cfg.num_frames
     res = model.clip.config.vision_config.image_size  # the frames must come at the model's resolution
@@ -410,20 +526,20 @@ def run(cfg) -> dict:
         raise SystemExit(f"error: --input_res {cfg.data.input_res}, but the model's image size is {res}; "
                          f"drop --input_res (it is taken from the model)")
     cfg.data.input_res = res
-    own = os.path.join(cfg.eval.checkpoint or "", "tokenizer")  # an exported dir or a run dir carries its own
-    tok = load_tokenizer(cfg.eval.tokenizer or (own if cfg.eval.checkpoint and os.path.isdir(own) else
+    own = os.path.join(path or "", "tokenizer")  # an exported dir or a run dir carries its own
+    tok = load_tokenizer(cfg.eval.tokenizer or (own if path and os.path.isdir(own) else
                                                 resolve_tokenizer(None, cfg.model.clip_path, cfg.eval.test_shards)))
-    stream = EvalStream(expand_shards(cfg.eval.test_shards), cfg.data, tok, cfg.eval.eval_batch_size,
-                        rank=info.rank, world=info.world)
-    results = evaluate(model, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.data.seed, info.device)
-    results["checkpoint"] = cfg.eval.checkpoint
+    stream = EvalStream(urls, cfg.data, tok, cfg.eval.eval_batch_size, rank=info.rank, world=info.world)
+    results = evaluate(model, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.data.seed, info.device,
+                       max_bad_fraction=cfg.data.max_bad_fraction, progress=info.is_main)
+    results["model"] = {k: v for k, v in source.items() if k != "eval_settings"} | {"checkpoint": path}
+    results["checkpoint"] = path
     results["test_shards"] = cfg.eval.test_shards
     if info.is_main:
-        path = cfg.eval.results or (os.path.join(cfg.eval.checkpoint, "eval_results.json")
-                                    if cfg.eval.checkpoint and os.path.isdir(cfg.eval.checkpoint)
-                                    else "eval_results.json")
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1, sort_keys=True)
+        out = cfg.eval.results or default_results_path(path)
+        from .checkpoint import write_json
+
+        write_json(out, results)
         if cfg.eval.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -433,5 +549,15 @@ def run(cfg) -> dict:
                         tb.add_scalar(f"test/{d}_{k}", v, 0)
                 tb.add_text("test/results", json.dumps(results, indent=1))
         print(format_table(results))
-        print(f"results: {path}")
+        print(f"results: {out}")
     return results
+
+
+def default_results_path(checkpoint: str | None) -> str:
+    """eval_results.json inside the run or export directory; beside an upstream .pth; for random weights,
+    eval_results_random_init.json here."""
+    if checkpoint is None:
+        return "eval_results_random_init.json"
+    if os.path.isdir(checkpoint):
+        return os.path.join(checkpoint, "eval_results.json")
+    return os.path.splitext(checkpoint)[0] + "_eval_results.json"

@@ -1,7 +1,8 @@
 """Retrieval metrics from ranks, and the ranks themselves from a block of scores.
 
 rank = the number of candidates scored strictly higher than the right one (0 = first; ties count in the
-query's favour, as CLIP4Clip's metric). R@K = 100 * mean(rank < K); MdR = median(rank) + 1;
+query's favour, as CLIP4Clip's metric). R@K = 100 * mean(rank < K); MdR = median(rank) + 1, the median as
+np.median takes it (the mean of the two middle ranks for an even number of queries, as upstream);
 MnR = mean(rank) + 1.
 
 t2v: one query per text; the right video is the text's own.
@@ -10,6 +11,7 @@ v2t: one query per video; a candidate video k scores max over k's captions of s[
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 KS = (1, 5, 10, 50)
@@ -18,7 +20,7 @@ KS = (1, 5, 10, 50)
 def metrics_from_ranks(ranks: torch.Tensor) -> dict[str, float]:
     r = ranks.double()
     out = {f"R@{k}": round(100.0 * (r < k).double().mean().item(), 4) for k in KS}
-    out["MdR"] = float(torch.quantile(r, 0.5, interpolation="lower").item() + 1)
+    out["MdR"] = float(np.median(r.cpu().numpy())) + 1 if r.numel() else float("nan")
     out["MnR"] = round(r.mean().item() + 1, 4)
     out["n"] = int(r.numel())
     return out

@@ -1,17 +1,14 @@
 """Training: the DeepSpeed engine, the global contrastive batch, the schedule, checkpoints with exact resume,
 validation and logs. `launch/train.py` calls `train(cfg)`.
 
-A run lives in {output_dir}/{exp_name}/:
-    config.json, clip_config.json, tokenizer/   what rebuilds the model (written once)
-    checkpoints/step{N}/ (+ latest)             DeepSpeed checkpoints, the last --keep_last kept
-    checkpoints/best/                           the best by validation t2v R@1 (not counted as latest)
-    best.json, tb/, train.log                   metrics, TensorBoard, log lines
+A run lives in {output_dir}/{exp_name}/ (layout and crash-safe publishing: tmass/checkpoint.py).
 Relaunching the same command resumes from checkpoints/latest: parameters, optimiser, schedule, the data
-stream position of every rank and every rank's RNG state, so the result equals an uninterrupted run.
+stream position of every rank and every rank's RNG state, so the result equals an uninterrupted run. A
+relaunch whose settings would change the run is refused (check_resume).
 
 One optimiser step, per rank, with b = micro batch and B = world * b:
     t, f = encoders(local pairs); the loss gathers t and f from every rank (with gradients) and scores the
-    local texts against all B videos and the local videos against all B texts (tmass.loss); the noise of
+    local texts against all B videos and the local videos against all B texts (tmass.model.loss); the noise of
     global pair g at step s is row g of the stream keyed (seed, "train", s, micro) - independent of the world
     size. DeepSpeed averages the gradients, clips them (JSON), steps AdamW and the schedule; then
     logit_scale <= ln 100 is enforced on the fp32 master copy.
@@ -19,25 +16,24 @@ One optimiser step, per rank, with b = micro batch and B = world * b:
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 
 import torch
 
+from . import checkpoint as ckpt
 from . import dist
 from .config import Config, ModelConfig
 from .data.stream import (SkipStats, StreamPosition, TrainStream, EvalStream, check_bad_fraction, expand_shards,
                           make_loader, samples_per_epoch)
 from .data.tokenizer import load_tokenizer, resolve_tokenizer, text_config_overrides
 from .data.transforms import normalize
-from .loss import MAX_LOGIT_SCALE
+from .model.loss import MAX_LOGIT_SCALE
 from .model.clip import build_clip, clip_config
 from .model.stochastic import keyed_noise
 from .model.tmass import TMASS
@@ -62,8 +58,14 @@ def prepare_ds_config(cfg: Config, world: int, cuda: bool) -> dict:
                          "ds_configs/cpu_fp32.json on CPUs)")
     if not os.path.isfile(path):
         raise SystemExit(f"error: --deepspeed_config {path}: no such file (see ds_configs/)")
-    with open(path) as f:
-        ds = json.load(f)
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: --deepspeed_config {path} is not valid JSON (line {e.lineno}, column {e.colno}: "
+                         f"{e.msg}); compare it with the files in ds_configs/") from None
+    if not isinstance(ds, dict):
+        raise SystemExit(f"error: --deepspeed_config {path} must hold a JSON object (see ds_configs/)")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
         raise SystemExit("error: ZeRO-3 partitions the HF CLIP embeddings, whose forward reads their shape "
@@ -98,6 +100,36 @@ def prepare_ds_config(cfg: Config, world: int, cuda: bool) -> dict:
     return ds
 
 
+def model_image_size(cfg: ModelConfig) -> int:
+    """The CLIP's frame size, read from --clip_path's config.json or --clip_arch's, without building it."""
+    if cfg.clip_path:
+        from transformers import CLIPConfig
+
+        from .model.clip import resolve_clip_path
+
+        try:
+            path = resolve_clip_path(cfg.clip_path)
+            return CLIPConfig.from_pretrained(path, local_files_only=True).vision_config.image_size
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}") from None
+        except OSError as e:
+            raise SystemExit(f"error: --clip_path {cfg.clip_path}: no CLIP config.json there "
+                             f"({(str(e).splitlines() or [''])[0][:200]}); pass a CLIP checkpoint directory") \
+                from None
+    return clip_config(cfg.clip_arch).vision_config.image_size
+
+
+def check_input_res(cfg: Config) -> None:
+    """Frames come at the CLIP's resolution: taken from the model unless --input_res is given, and then it must
+    agree."""
+    size = model_image_size(cfg.model)
+    if "input_res" in cfg.explicit and cfg.data.input_res != size:
+        what = cfg.model.clip_path or f"--clip_arch {cfg.model.clip_arch}"
+        raise SystemExit(f"error: --input_res {cfg.data.input_res}, but the CLIP ({what}) takes {size} x {size} "
+                         f"frames; drop --input_res or pass {size}")
+    cfg.data.input_res = size
+
+
 def check_inputs(cfg: Config) -> list[str]:
     if not cfg.train.train_shards:
         raise SystemExit("error: --train_shards is required (build shards with shards/build.py)")
@@ -110,6 +142,64 @@ def check_inputs(cfg: Config) -> list[str]:
             if not u.startswith("pipe:") and not os.path.exists(u):
                 raise SystemExit(f"error: val shard missing: {u}")
     return urls
+
+
+# Settings that may differ when a run is relaunched: where things are written, how often, and how, but nothing
+# that changes the weights it trains or how its best checkpoint is chosen.
+MAY_CHANGE_ON_RESUME = {
+    "train": {"log_step", "save_every_steps", "keep_last", "log_samples", "local_rank", "output_dir", "exp_name",
+              "allow_config_change", "verbose"},
+    "data": {"decode_timeout", "max_bad_fraction", "num_workers", "stall_skips", "stall_seconds"},
+    "eval": {"test_shards", "checkpoint", "results", "tensorboard_dir", "eval_chunk", "eval_compile",
+             "eval_batch_size", "save_sims", "random_init", "load_epoch"},
+    "model": {"grad_checkpointing", "compile"},
+}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """`--flag old -> new` for every setting that differs and may not change on resume."""
+    out = []
+    for sec, fields in new.items():
+        if not isinstance(fields, dict):
+            continue
+        for name, value in fields.items():
+            before = old.get(sec, {}).get(name, value)
+            if name not in MAY_CHANGE_ON_RESUME.get(sec, set()) and before != value:
+                out.append(f"--{name} {before} -> {value}")
+    return out
+
+
+def check_resume(cfg: Config, out: str, world: int) -> str | None:
+    """The tag to resume from (None: a fresh run). Refuses, with the differences and the way out, a relaunch
+    whose settings would change the run, or whose world size or --max_steps cannot continue it."""
+    try:
+        tag = ckpt.resume_tag(os.path.join(out, "checkpoints"))
+    except ckpt.NoCheckpoint as e:
+        raise SystemExit(f"error: {e}") from None
+    if tag is None:
+        return None
+    meta = ckpt.read_meta(os.path.join(out, "checkpoints"), tag)
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = {}
+    changes = config_changes(old, cfg.to_dict())
+    if changes and not cfg.train.allow_config_change:
+        raise SystemExit(f"error: {out} is an existing run (step {meta['step']}), and these settings differ from "
+                         f"its config.json: {'; '.join(changes)}. Start a new run with another --exp_name, or "
+                         f"pass --allow_config_change to resume with the new settings anyway")
+    if meta["world"] != world:
+        raise SystemExit(f"error: {out} was written by {meta['world']} ranks, and this launch has {world}; resume "
+                         f"with {meta['world']} (exact resume replays every rank's data stream), or start a new "
+                         f"--exp_name")
+    if cfg.train.max_steps and cfg.train.max_steps < meta["step"]:
+        raise SystemExit(f"error: --max_steps {cfg.train.max_steps}, but {out} has already reached step "
+                         f"{meta['step']}; raise --max_steps, or evaluate the run as it is")
+    if changes and os.environ.get("RANK", "0") == "0":
+        print(f"warning: resuming {out} with changed settings (--allow_config_change): {'; '.join(changes)}",
+              file=sys.stderr)
+    return tag
 
 
 def key_hash(key: str) -> int:
@@ -167,24 +257,7 @@ def clamp_logit_scale(engine) -> None:
         p.clamp_(max=MAX_LOGIT_SCALE)
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
-def run_dir(cfg: Config) -> str:
-    return os.path.join(cfg.train.output_dir, cfg.train.exp_name)
-
-
-def _step_tags(ckpt_dir: str) -> list[int]:
-    return sorted(int(os.path.basename(p)[4:]) for p in glob.glob(os.path.join(ckpt_dir, "step*"))
-                  if os.path.basename(p)[4:].isdigit())
-
-
-def save(engine, ckpt_dir: str, tag: str, state: dict, keep_last: int | None, latest: bool = True) -> None:
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state, save_latest=latest)
-    torch.distributed.barrier()
-    if keep_last and dist.rank() == 0:
-        for old in _step_tags(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(os.path.join(ckpt_dir, f"step{old}"), ignore_errors=True)
-
-
+# ------------------------------------------------------------------------------------------- rng state
 def _rng_state() -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
@@ -193,48 +266,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def consolidated_state(path: str, tag: str | None = None) -> tuple[Config, dict, str]:
-    """(the run's Config, an fp32 state dict consolidated from the ZeRO shards, the run dir) of a run dir or of
-    its checkpoints/ dir; tag: latest, best or stepN."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    ckpt_dir = path if os.path.exists(os.path.join(path, "latest")) else os.path.join(path, "checkpoints")
-    run = os.path.dirname(os.path.abspath(ckpt_dir))
-    if not os.path.exists(os.path.join(run, "config.json")):
-        raise FileNotFoundError(f"{path} is not a tmass run directory (no config.json beside checkpoints/)")
-    with open(os.path.join(run, "config.json")) as f:
-        cfg = Config.from_dict(json.load(f))
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-    return cfg, state, run
-
-
-def load_training_checkpoint(path: str, tag: str | None = None) -> TMASS:
-    from transformers import CLIPConfig
-
-    from .model.clip import one_element_logit_scale
-    from .model.io import load_state_strict
-
-    cfg, state, run = consolidated_state(path, tag)
-    clip = build_clip(config=CLIPConfig.from_json_file(os.path.join(run, "clip_config.json")))
-    one_element_logit_scale(clip)
-    model = TMASS(cfg.model, clip=clip)
-    load_state_strict(model, state, path)
-    return model
-
-
-def export_checkpoint(path: str, out_dir: str, tag: str | None = None) -> str:
-    """`launch/export.py`: one consolidated fp32 HF-style directory (zero_to_fp32 underneath)."""
-    from .model.io import export_hf
-
-    model = load_training_checkpoint(path, tag)
-    export_hf(model, out_dir)
-    run = os.path.dirname(os.path.abspath(path if os.path.exists(os.path.join(path, "latest"))
-                                          else os.path.join(path, "checkpoints")))
-    if os.path.isdir(os.path.join(run, "tokenizer")):
-        shutil.copytree(os.path.join(run, "tokenizer"), os.path.join(out_dir, "tokenizer"), dirs_exist_ok=True)
-    return out_dir
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -254,18 +285,37 @@ def _install_signal_handlers() -> dict:
 
 
 def train(cfg: Config) -> dict:
-    """The whole run. Returns the final summary (also written to {run}/summary.json on rank 0)."""
+    """The whole run. Returns the final summary (also written to {run}/summary.json on rank 0). Every check
+    of the flags, inputs and run directory happens here, before any process group starts; rank 0 holds the
+    run directory's lock while it trains; every rank stops (with a checkpoint) when its launcher dies."""
+    cuda = torch.cuda.is_available()
+    ds_config = prepare_ds_config(cfg, world_size_from_env(), cuda)
+    urls = check_inputs(cfg)
+    check_input_res(cfg)
+    out = ckpt.run_dir(cfg.train.output_dir, cfg.train.exp_name)
+    resume_from = check_resume(cfg, out, world_size_from_env())
+    lock = None
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        try:
+            lock = ckpt.RunLock(out).acquire()
+        except ckpt.RunLocked as e:
+            raise SystemExit(f"error: {e}") from None
+    try:
+        signals = _install_signal_handlers()
+        dist.exit_with_launcher()
+        return _run(cfg, ds_config, urls, out, resume_from, signals)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _run(cfg: Config, ds_config: dict, urls: list[str], out: str, resume_from: str | None, signals: dict) -> dict:
     import deepspeed
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
-    cuda = torch.cuda.is_available()
-    ds_config = prepare_ds_config(cfg, world_size_from_env(), cuda)  # fails before any process group
-    urls = check_inputs(cfg)
-    signals = _install_signal_handlers()
+    ckpt_dir = os.path.join(out, "checkpoints")
     info = dist.init()
     rank, world, device = info.rank, info.world, info.device
-    out = run_dir(cfg)
-    ckpt_dir = os.path.join(out, "checkpoints")
     tokenizer = load_tokenizer(resolve_tokenizer(cfg.eval.tokenizer, cfg.model.clip_path, cfg.train.train_shards))
     cfg.data.num_frames = cfg.model.num_frames
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
@@ -278,13 +328,11 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.data.seed)  # the same initial weights everywhere (DeepSpeed broadcasts rank 0's too)
     model = build_model(cfg.model, tokenizer)
-    if rank == 0:
+    if rank == 0 and (resume_from is None or cfg.train.allow_config_change):
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            f.write(cfg.to_json())
+        ckpt.write_json(os.path.join(out, "config.json"), cfg.to_dict())
         model.clip.config.to_json_file(os.path.join(out, "clip_config.json"))
         tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
-    torch.manual_seed(cfg.data.seed * 1000 + rank)  # dropout differs per rank
     groups = param_groups(model, cfg)
     client_opt = None if "optimizer" in ds_config else torch.optim.AdamW(
         groups, betas=(0.9, 0.999), eps=1e-6, weight_decay=cfg.train.weight_decay)
@@ -300,11 +348,9 @@ def train(cfg: Config) -> dict:
 
     step, epoch, best = 0, 0, {"t2v_R@1": -1.0, "step": None}
     position = StreamPosition(streams=max(1, cfg.data.num_workers))
-    if os.path.exists(os.path.join(ckpt_dir, "latest")):
-        _, client = engine.load_checkpoint(ckpt_dir, load_optimizer_states=True, load_lr_scheduler_states=True)
-        if client["world"] != world:
-            raise SystemExit(f"error: {ckpt_dir} was written by {client['world']} ranks; resume with the same "
-                             f"number (exact resume replays every rank's data stream)")
+    if resume_from is not None:
+        _, client = engine.load_checkpoint(ckpt_dir, tag=resume_from, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
         step, epoch, best = client["step"], client["epoch"], client["best"]
         position = StreamPosition.from_state_dict(client["positions"][rank])
         _set_rng_state(client["rng"][rank])
@@ -317,7 +363,7 @@ def train(cfg: Config) -> dict:
         tb.add_text("config", "```\n" + cfg.to_json() + "\n```", step)
     logfile = open(os.path.join(out, "train.log"), "a") if rank == 0 else None
     if step:
-        _log(logfile, f"resumed from {ckpt_dir} at step {step} (epoch {epoch})")
+        _log(logfile, f"resumed from {ckpt_dir} at step {step} (epoch {epoch}, checkpoint {resume_from})")
 
     def client_state() -> dict:
         return {"step": step, "epoch": epoch, "best": best, "world": world, "config": cfg.to_dict(),
@@ -326,9 +372,12 @@ def train(cfg: Config) -> dict:
 
     done = {"saved": None, "validated": None}
 
+    def meta() -> dict:
+        return {"step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch}
+
     def checkpoint() -> None:
         if done["saved"] != step:
-            save(engine, ckpt_dir, f"step{step}", client_state(), cfg.train.keep_last)
+            ckpt.save(engine, ckpt_dir, f"step{step}", client_state(), meta(), cfg.train.keep_last)
             done["saved"] = step
 
     def validate() -> dict | None:
@@ -341,17 +390,16 @@ def train(cfg: Config) -> dict:
         stream = EvalStream(expand_shards(cfg.train.val_shards), cfg.data, tokenizer, cfg.eval.eval_batch_size,
                             rank=rank, world=world)
         results = evaluate(engine.module, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.data.seed,
-                           device, autocast_dtype=dtype)
+                           device, autocast_dtype=dtype, max_bad_fraction=cfg.data.max_bad_fraction)
         if tb:
             for d in ("t2v", "v2t"):
                 for k in ("R@1", "R@5", "R@10", "MdR", "MnR"):
                     tb.add_scalar(f"val/{d}_{k}", results[d][k], step)
         if results["t2v"]["R@1"] > best["t2v_R@1"]:
             best = {"t2v_R@1": results["t2v"]["R@1"], "step": step, "results": results}
-            save(engine, ckpt_dir, "best", client_state(), None, latest=False)
+            ckpt.save(engine, ckpt_dir, "best", client_state(), meta(), None, latest=False)
             if rank == 0:
-                with open(os.path.join(out, "best.json"), "w") as f:
-                    json.dump(best, f, indent=1)
+                ckpt.write_json(os.path.join(out, "best.json"), best)
         _log(logfile, f"step {step} val t2v R@1 {results['t2v']['R@1']:.2f} R@5 {results['t2v']['R@5']:.2f} "
                       f"v2t R@1 {results['v2t']['R@1']:.2f} (best {best['t2v_R@1']:.2f} at step {best['step']})")
         return results
@@ -385,7 +433,8 @@ def train(cfg: Config) -> dict:
                 local = torch.tensor([key_hash(k) for k in batch["keys"]], dtype=torch.long, device=device)
                 video_ids = dist.gather_rows(local)
             out_ = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device), video, eps,
-                          offset=rank * micro, gather=dist.gather_with_grad, video_ids=video_ids)
+                          offset=rank * micro, gather=dist.gather_with_grad, video_ids=video_ids,
+                          dropout_stream=(cfg.data.seed, "dropout", step, micro_in_step))
             engine.backward(out_["loss"])
             engine.step()
             position.advance(batch)
@@ -417,6 +466,7 @@ def train(cfg: Config) -> dict:
                     break
             t_wait = time.perf_counter()
         else:
+            check_bad_fraction(gathered_skips(stats), cfg.data.max_bad_fraction, min_seen=1)  # any epoch size
             epoch += 1
             position = StreamPosition(epoch=epoch, streams=max(1, cfg.data.num_workers))
             checkpoint()  # the end of every epoch
@@ -426,6 +476,8 @@ def train(cfg: Config) -> dict:
             break
     if bar:
         bar.close()
+    if stopped_by is None:
+        check_bad_fraction(gathered_skips(stats), cfg.data.max_bad_fraction, min_seen=1)  # the last epoch's
     checkpoint()
     if stopped_by:
         _log(logfile, f"stopped by a signal at step {step}: checkpoint saved; rerun the same command to resume")
@@ -435,8 +487,7 @@ def train(cfg: Config) -> dict:
                "stopped_by": stopped_by, "run_dir": out, "checkpoints": ckpt_dir,
                "tensorboard": os.path.join(out, "tb"), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
     if rank == 0:
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        ckpt.write_json(os.path.join(out, "summary.json"), summary)
         tb.close()
         logfile.close()
     if samples_log:
@@ -454,15 +505,17 @@ def _log(logfile, line: str) -> None:
         logfile.flush()
 
 
+def gathered_skips(stats: dict[int, dict]) -> dict:
+    """This epoch's skip counts of every stream of every rank (a collective: every rank calls it)."""
+    total = SkipStats.total(list(stats.values()))
+    merged = SkipStats.total([t | {"ok": 0} for t in dist.gather_objects([{
+        "seen": total["seen"], "reasons": dict(total["reasons"]), "shards": dict(total["shards"])}])])
+    return merged
+
+
 def _log_step(cfg, engine, tb, logfile, step, last, meter, stats, world, scheduler) -> None:
     """TensorBoard scalars and one log line; the bad-sample check (a collective: every rank calls it)."""
-    total = SkipStats.total(list(stats.values()))
-    counts = torch.tensor([total["seen"], sum(total["reasons"].values())], dtype=torch.float64)
-    dist.all_sum(counts)
-    reasons = dist.gather_objects([dict(total["reasons"])])
-    shards = dist.gather_objects([dict(total["shards"])])
-    merged = SkipStats.total([{"seen": 0, "ok": 0, "reasons": r, "shards": s} for r, s in zip(reasons, shards)])
-    merged["seen"] = int(counts[0])
+    merged = gathered_skips(stats)
     check_bad_fraction(merged, cfg.data.max_bad_fraction)
     if tb is None:
         return

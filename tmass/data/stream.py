@@ -19,6 +19,7 @@ Pixels leave the loader as uint8 [B, F, 3, S, S]; `transforms.normalize` runs on
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -34,46 +35,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
 from ..shards.format import VIDEO_EXTS as VIDEO_KEYS  # the fields a builder may have stored a video under
+from .shardlist import expand_shards, manifest_counts, samples_per_epoch  # noqa: F401 (the streams' inputs)
 from .tokenizer import tokenize, trim
 from .transforms import eval_transform, train_transform
 from .video import DecodeError, TimedDecoder, decode_frames
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 log = logging.getLogger("tmass.data")
-
-
-# ------------------------------------------------------------------------------------------- shards and counts
-def expand_shards(spec: str | list[str]) -> list[str]:
-    """webdataset's URL syntax: brace ranges, several sources joined by '::', local paths or 'pipe:' commands."""
-    urls = wds.shardlists.expand_urls(spec) if isinstance(spec, str) else [u for s in spec for u in expand_shards(s)]
-    if not urls:
-        raise ValueError(f"no shards in {spec!r}")
-    return urls
-
-
-def manifest_counts(urls: list[str]) -> dict[str, dict]:
-    """url -> {"count": videos, "captions": captions} from the builder's manifests beside local shards."""
-    out: dict[str, dict] = {}
-    manifests: dict[str, dict] = {}
-    for url in urls:
-        folder, name = os.path.split(url)
-        split = name.rsplit("-", 1)[0]
-        path = os.path.join(folder, f"{split}.json")
-        if path not in manifests:
-            if url.startswith("pipe:") or not os.path.exists(path):
-                raise FileNotFoundError(f"no manifest for {url} (looked for {path}); pass the sample count "
-                                        f"explicitly (e.g. --train_num_samples) for shards without one")
-            with open(path) as f:
-                manifests[path] = {s["shard"]: s for s in json.load(f)["shards"]}
-        if name not in manifests[path]:
-            raise FileNotFoundError(f"{url} is not listed in {path}")
-        out[url] = manifests[path][name]
-    return out
-
-
-def samples_per_epoch(urls: list[str], caption_sampling: str) -> int:
-    counts = manifest_counts(urls).values()
-    return sum(c["captions"] if caption_sampling == "pairs" else c["count"] for c in counts)
 
 
 def keyed_rng(*key) -> random.Random:
@@ -148,36 +116,100 @@ def check_bad_fraction(total: dict, limit: float, min_seen: int = 100) -> None:
                                 f"shards/build.py, or raise --max_bad_fraction.")
 
 
+class StreamStalled(TooManyBadSamples):
+    """A training stream got no good sample for too long: every shard it reads is bad or unreadable."""
+
+
+class StallGuard:
+    """Ends a training stream that makes no progress (shards that are all bad, a failing `pipe:` command):
+    `skips` samples skipped in a row, or `seconds` without a good sample, raise StreamStalled with the shards
+    and the reasons. Checked at every sample and at every shard opened, so empty shards count too."""
+
+    def __init__(self, urls: list[str], stats: SkipStats, skips: int, seconds: float):
+        self.urls, self.stats, self.skips, self.seconds = urls, stats, skips, seconds
+        self.in_a_row, self.since = 0, time.monotonic()
+
+    def good(self) -> None:
+        self.in_a_row, self.since = 0, time.monotonic()
+
+    def bad(self) -> None:
+        self.in_a_row += 1
+        self.check()
+
+    def check(self) -> None:
+        waited = time.monotonic() - self.since
+        if (self.skips and self.in_a_row >= self.skips) or (self.seconds and waited >= self.seconds):
+            why = ", ".join(f"{r}: {n}" for r, n in self.stats.reasons.most_common()) or "no samples at all"
+            shards = ", ".join(u for u, _ in self.stats.shards.most_common(5)) or ", ".join(self.urls[:5])
+            raise StreamStalled(f"no usable training sample in {self.in_a_row} samples and {waited:.0f} s ({why}); "
+                                f"shards: {shards}. Check or rebuild them (shards/build.py); the bounds are "
+                                f"--stall_skips and --stall_seconds")
+
+
 # ------------------------------------------------------------------------------------------- stages
-def read_samples(urls: list[str], assignments: Iterator[tuple[int, int, int]], stats: SkipStats) -> Iterator[dict]:
-    """Samples of the assigned shards, annotated with __shard__ and __pos__; unreadable shards are counted."""
-    def handler(exn: Exception) -> bool:
-        stats.skip(f"unreadable shard ({type(exn).__name__})", "?")
-        return True
+def read_samples(urls: list[str], assignments: Iterator[tuple[int, int, int]], stats: SkipStats,
+                 guard: StallGuard | None = None) -> Iterator[dict]:
+    """Samples of the assigned shards, annotated with __shard__ and __pos__. An unreadable shard, or a tar cut
+    mid-member, counts one sample as seen and skipped under that shard's URL."""
+    def handler_for(url: str):
+        def handler(exn: Exception) -> bool:
+            stats.seen += 1
+            stats.skip(f"unreadable shard ({type(exn).__name__})", url)
+            if guard:
+                guard.bad()
+            return True
+        return handler
 
     for shard, offset, stride in assignments:
-        src = wds.tariterators.tarfile_samples([{"url": urls[shard]}], handler=handler)
+        if guard:
+            guard.check()
+        src = wds.tariterators.tarfile_samples([{"url": urls[shard]}], handler=handler_for(urls[shard]))
         for pos, sample in enumerate(src):
             if pos % stride == offset:
                 sample["__shard__"], sample["__pos__"] = shard, pos
                 yield sample
 
 
-def train_assignments(num_shards: int, cfg: DataConfig, epoch: int, rank: int, world: int, stream: int,
-                      streams: int) -> Iterator[tuple[int, int, int]]:
-    """An endless shard order for one stream: resampled with replacement, or this stream's share of a per-epoch
-    permutation, cycled (re-permuted each cycle) for as long as batches are asked for."""
+def read_ranges(urls: list[str], segments: list[tuple[int, int, int]], stats: SkipStats, guard: StallGuard,
+                pairs: bool) -> Iterator[dict]:
+    """Units lo <= u < hi of each segment (shard, lo, hi), a unit being a sample or, with `pairs`, a (video,
+    caption) pair counted in the shard's order; a shard is read only up to its segment's end."""
+    for shard, lo, hi in segments:
+        u = 0
+        for sample in read_samples(urls, iter([(shard, 0, 1)]), stats, guard):
+            for unit in (expand_pairs([sample]) if pairs else (sample,)):
+                if lo <= u < hi:
+                    yield unit
+                u += 1
+            if u >= hi:
+                break
+
+
+def epoch_segments(units: list[int], order: list[int], start: int, length: int) -> list[tuple[int, int, int]]:
+    """Positions start .. start + length - 1 of the epoch's cyclic sequence (the shards in `order`, each of
+    units[shard] units, end to end; positions past the end wrap to the beginning) as (shard, lo, hi) segments."""
+    total = sum(units[s] for s in order)
+    bounds, acc = [], 0
+    for s in order:
+        bounds.append((s, acc, acc + units[s]))
+        acc += units[s]
+    segments, p, end = [], start, start + length
+    while p < end:
+        base = p - p % total
+        for s, a, b in bounds:
+            lo, hi = max(p, base + a), min(end, base + b)
+            if lo < hi:
+                segments.append((s, lo - base - a, hi - base - a))
+        p = base + total
+    return segments
+
+
+def resampled_shards(num_shards: int, cfg: DataConfig, epoch: int, rank: int,
+                     stream: int) -> Iterator[tuple[int, int, int]]:
+    """--shard_sampling resampled: an endless shard order for one stream, drawn with replacement."""
     rng = keyed_rng("shards", cfg.seed, epoch, rank, stream)
-    if cfg.shard_sampling == "resampled":
-        while True:
-            yield rng.randrange(num_shards), 0, 1
-    cycle = 0
     while True:
-        order = list(range(num_shards))
-        keyed_rng("perm", cfg.seed, epoch, cycle).shuffle(order)
-        for shard, offset, stride in reader_assignment(num_shards, world * streams, rank * streams + stream):
-            yield order[shard], offset, stride
-        cycle += 1
+        yield rng.randrange(num_shards), 0, 1
 
 
 def captions_of(sample: dict) -> list[str]:
@@ -245,6 +277,9 @@ class TrainStream(IterableDataset):
             raise ValueError(f"the checkpoint's data position was made with {self.position.streams} loader "
                              f"workers per rank; resume with --num_workers {self.position.streams}")
         self.decoder = TimedDecoder(cfg.decode_timeout, decode)
+        self._units: list[int] | None = None
+        if cfg.shard_sampling == "shuffled":
+            self.shard_units()  # fails here, before any worker starts, when the counts are unknown
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.position.batches
@@ -261,22 +296,27 @@ class TrainStream(IterableDataset):
         if todo <= 0:
             return
         stats = SkipStats()
-        raw = read_samples(self.urls, train_assignments(len(self.urls), cfg, pos.epoch, self.rank, self.world,
-                                                        stream, W), stats)
-        if cfg.caption_sampling == "pairs":
-            raw = expand_pairs(raw)
-        shuffled = raw if cfg.shuffle_buffer <= 1 else wds.shuffle(
-            cfg.shuffle_buffer, cfg.shuffle_initial,
-            rng=keyed_rng("buffer", cfg.seed, pos.epoch, self.rank, stream))(raw)
+        guard = StallGuard(self.urls, stats, cfg.stall_skips, cfg.stall_seconds)
+        if cfg.shard_sampling == "shuffled":
+            shuffled = self._epoch_share(stream, pos.epoch, stats, guard)
+        else:
+            raw = read_samples(self.urls, resampled_shards(len(self.urls), cfg, pos.epoch, self.rank, stream),
+                               stats, guard)
+            if cfg.caption_sampling == "pairs":
+                raw = expand_pairs(raw)
+            shuffled = self._buffer(raw, pos.epoch, stream)
         skip = pos.taken.get(stream, 0)
         items: list[dict] = []
         for taken, sample in enumerate(shuffled, start=1):
             if taken <= skip:
+                guard.good()
                 continue  # consumed before the checkpoint: skipped before decoding
             stats.seen += 1
             item = self._train_item(sample, keyed_rng("sample", cfg.seed, pos.epoch, self.rank, stream, taken), stats)
             if item is None:
+                guard.bad()
                 continue
+            guard.good()
             stats.ok += 1
             items.append(item)
             if len(items) == cfg.batch_size:
@@ -285,6 +325,47 @@ class TrainStream(IterableDataset):
                 todo -= 1
                 if todo == 0:
                     return
+
+    def _buffer(self, samples: Iterator[dict], epoch: int, stream: int, *extra) -> Iterator[dict]:
+        cfg = self.cfg
+        if cfg.shuffle_buffer <= 1:
+            return samples
+        return wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_initial,
+                           rng=keyed_rng("buffer", cfg.seed, epoch, self.rank, stream, *extra))(samples)
+
+    def _epoch_share(self, stream: int, epoch: int, stats: SkipStats, guard: StallGuard) -> Iterator[dict]:
+        """--shard_sampling shuffled: the epoch is one cyclic sequence of every unit (sample, or pair in pairs
+        mode), the shards end to end in a per-epoch permutation. Reader k = rank * W + stream takes the next
+        `quota` positions after the readers before it, quota = its batches x batch size, so the readers of all
+        ranks tile the sequence and an epoch of ceil(N / B) global batches sees every unit once, the last
+        batch's overhang wrapping to the start. Its share is shuffled in the buffer (drained at the share's
+        end); skipped samples are made up by a second pass over the share, shuffled on its own."""
+        cfg, W = self.cfg, self.streams
+        units = self.shard_units()
+        order = list(range(len(self.urls)))
+        keyed_rng("perm", cfg.seed, epoch).shuffle(order)
+        per_rank = self.batches_per_epoch * cfg.batch_size
+        start = self.rank * per_rank + sum(self._batches_of(w, self.batches_per_epoch) for w in range(stream)) \
+            * cfg.batch_size
+        quota = self._batches_of(stream, self.batches_per_epoch) * cfg.batch_size
+        segments = epoch_segments(units, order, start, quota)
+        pairs = cfg.caption_sampling == "pairs"
+        for cycle in itertools.count():
+            yield from self._buffer(read_ranges(self.urls, segments, stats, guard, pairs), epoch, stream, cycle)
+
+    def shard_units(self) -> list[int]:
+        """Units per shard (samples, or captions in pairs mode), from the builder's manifests."""
+        if self._units is None:
+            try:
+                counts = manifest_counts(self.urls)
+            except FileNotFoundError as e:
+                raise ValueError(f"--shard_sampling shuffled needs each shard's sample count ({e}); use "
+                                 f"--shard_sampling resampled for shards without a manifest") from None
+            key = "captions" if self.cfg.caption_sampling == "pairs" else "count"
+            self._units = [int(counts[u][key]) for u in self.urls]
+            if sum(self._units) == 0:
+                raise ValueError(f"the manifests of {self.urls[0]} ... count no samples")
+        return self._units
 
     def _train_item(self, sample: dict, rng: random.Random, stats: SkipStats) -> dict | None:
         url, cfg = self.urls[sample["__shard__"]], self.cfg

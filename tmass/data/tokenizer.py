@@ -72,9 +72,11 @@ def resolve_tokenizer(explicit: str | None, clip_path: str | None, shards: str |
     if explicit:
         return explicit
     if clip_path:
-        return clip_path
+        from ..model.clip import resolve_clip_path
+
+        return resolve_clip_path(clip_path)
     if shards:
-        from .stream import expand_shards
+        from .shardlist import expand_shards
 
         folder = os.path.join(os.path.dirname(expand_shards(shards)[0]), "tokenizer")
         if os.path.isdir(folder):

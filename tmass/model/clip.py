@@ -4,7 +4,7 @@
     frame feature  f = W_vis · LN(h_CLS(frame))    [B, F, D]  (the projected CLS state of every frame)
 
 We call the sub-models and projections directly rather than `get_*_features`, whose return type changed in
-transformers 5 (stack notes, P5).
+transformers 5 (`.pooler_output` where there was a tensor).
 """
 from __future__ import annotations
 
@@ -15,10 +15,29 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
 _HUB_HINT = (
-    "--clip_path must be a local directory holding a HF CLIP checkpoint (config.json and model.safetensors "
-    "or pytorch_model.bin); nothing is downloaded at run time. On a machine with network, fetch it once, e.g. "
-    "`huggingface-cli download openai/clip-vit-base-patch16 --local-dir /shared/clip-vit-base-patch16`, "
-    "and pass that directory.")
+    "--clip_path takes a local directory holding a HF CLIP checkpoint (config.json and model.safetensors "
+    "or pytorch_model.bin), or a hub name already in the HF cache; nothing is downloaded at run time. On a "
+    "machine with network, fetch it once, e.g. `huggingface-cli download openai/clip-vit-base-patch16` (into "
+    "the cache that HF_HOME or HF_HUB_CACHE names) or with `--local-dir /shared/clip-vit-base-patch16`.")
+
+
+def resolve_clip_path(clip_path: str) -> str:
+    """A local checkpoint directory as it is; a hub name (`openai/clip-vit-base-patch16`) as its snapshot in
+    the HF cache (HF_HUB_CACHE, else HF_HOME/hub), offline. Raises FileNotFoundError with the fix."""
+    if os.path.isdir(clip_path):
+        return clip_path
+    parts = clip_path.split("/")
+    if len(parts) == 2 and all(parts) and not clip_path.startswith((".", "~")):
+        from huggingface_hub import snapshot_download
+
+        cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub")
+                                                   if os.environ.get("HF_HOME") else None)
+        try:
+            return snapshot_download(clip_path, cache_dir=cache, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 (LocalEntryNotFoundError, a broken cache, ...)
+            raise FileNotFoundError(f"--clip_path {clip_path}: not in the HF cache {cache or '(the default)'} "
+                                    f"({type(e).__name__}). {_HUB_HINT}") from None
+    raise FileNotFoundError(f"--clip_path {clip_path!r} is not a directory. {_HUB_HINT}")
 
 
 def clip_config(arch: str) -> CLIPConfig:
@@ -45,8 +64,7 @@ def clip_config(arch: str) -> CLIPConfig:
 def build_clip(clip_path: str | None = None, arch: str = "ViT-B/32", config: CLIPConfig | None = None) -> CLIPModel:
     """From a local checkpoint directory, or with random weights from `config` (or the config of `arch`)."""
     if clip_path:
-        if not os.path.isdir(clip_path):
-            raise FileNotFoundError(f"{clip_path!r} is not a directory. {_HUB_HINT}")
+        clip_path = resolve_clip_path(clip_path)
         try:
             clip = CLIPModel.from_pretrained(clip_path, local_files_only=True)
         except OSError as e:

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import pickle
-import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,12 +37,31 @@ class CheckpointMismatch(Exception):
     """The checkpoint's keys or shapes do not fit the model built from the flags."""
 
 
+class UnsafeCheckpoint(CheckpointMismatch):
+    """The file needs pickle's arbitrary code to load: it is refused, never executed."""
+
+
 def read_torch_file(path: str) -> dict:
+    """A .pth file as data: torch's weights_only unpickler (tensors, dicts, lists, numbers, strings). A file
+    that needs anything more (a class, a function: code that would run on loading) is refused."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+        raise CheckpointMismatch(f"{path} is not a readable torch checkpoint (neither torch's zip format nor a "
+                                 f"pickle); pass a .pth file, a run directory or an export directory")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        warnings.warn(f"{path} holds more than tensors; loading it with weights_only=False (trust the file!)")
-        return torch.load(path, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise CheckpointMismatch(f"{path} is not a readable torch checkpoint ({first})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UnsafeCheckpoint(f"{path} holds more than tensors and plain containers ({first}); tmass loads "
+                               f"checkpoints as data only and will not unpickle it. Re-save its state_dict "
+                               f"with torch.save({{'state_dict': ...}}) from a trusted session.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated, not a torch file, ...
+        raise CheckpointMismatch(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
+                                 f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
 
 
 def upstream_to_tmass(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,24 +129,4 @@ def load_hf(out_dir: str, **overrides) -> TMASS:
     state = {f"clip.{k}": v for k, v in clip.state_dict().items()} | load_file(os.path.join(out_dir,
                                                                                            "tmass_head.safetensors"))
     load_state_strict(model, state, out_dir)
-    return model
-
-
-def load_model(cfg: ModelConfig, checkpoint: str | None) -> TMASS:
-    """The model to evaluate: an exported directory (its own config), a training run directory (its best
-    checkpoint by validation, else its latest; see tmass.train), an upstream .pth (built from `cfg`), or
-    random weights."""
-    if checkpoint is None:
-        return TMASS(cfg)
-    if os.path.isdir(checkpoint) and os.path.exists(os.path.join(checkpoint, "tmass_config.json")):
-        return load_hf(checkpoint)
-    if os.path.isdir(checkpoint):
-        from ..train import load_training_checkpoint  # a run directory: its best checkpoint, else the latest
-
-        best = os.path.join(checkpoint, "checkpoints", "best")
-        return load_training_checkpoint(checkpoint, "best" if os.path.isdir(best) else None)
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or directory")
-    model = TMASS(cfg)
-    load_upstream(model, checkpoint)
     return model

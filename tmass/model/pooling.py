@@ -6,6 +6,8 @@ For texts t [N_t, D] and frames f [N_v, F, D], with one LayerNorm LN1 shared by 
     a[i, j, :] = softmax_F(k[i] q[j] / sqrt(D))  [N_v, N_t, F]
     h = LN2(W_o (a[i, j] u[i]) + b_o)           [N_v, N_t, D]
     psi(v_i | t_j) = LN3(h + Dropout(W_l h + b_l))
+In training, Dropout's mask of pair (i, j) is keyed by the pair's global ids and the step
+(stochastic.pair_dropout_mask), given as `dropout_key`; without one, torch's own Dropout draws it.
 The projections start as the identity (biases 0). Any chunk of texts x any chunk of videos works, which the
 sharded evaluation uses. Parameter names match the upstream checkpoints (`pool_frames.*`).
 
@@ -28,6 +30,8 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
+
+from .stochastic import pair_dropout_mask
 
 
 @dataclass
@@ -133,10 +137,11 @@ class TextConditionedPool(nn.Module):
         return torch.cat([x * torch.rsqrt(var + self.layer_norm3.eps)[..., None], one], dim=-1)
 
     def pool(self, queries: torch.Tensor, side: VideoSide, text_major: bool = False, unit: bool = False,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             out: torch.Tensor | None = None, dropout_key: tuple | None = None) -> torch.Tensor:
         """Prepared texts (text_side) against prepared videos (video_side) -> psi [N_v, N_t, D] (a [N_t, N_v, D]
         view if text_major); O(F D + F^2) per pair. unit: psi / |psi|, out of training through the coefficients,
-        |psi|^2 = c^T (B B^T) c. `out` [N_v, N_t, D]: a buffer to write psi into, out of training."""
+        |psi|^2 = c^T (B B^T) c. `out` [N_v, N_t, D]: a buffer to write psi into, out of training.
+        dropout_key (training): (stream, video_ids [N_v], text_ids [N_t]), the pairs' global ids."""
         if side.gram3 is not None:  # psi = c B: one batched product
             c = self.coefficients(queries, side)
             if unit:
@@ -145,8 +150,12 @@ class TextConditionedPool(nn.Module):
         else:  # training: z = h + Dropout(W_l h + b_l), h = sum_f (a_f / s) H_f + beta2
             a = self._attention(queries, side).to(side.rows.dtype)
             beta2, wl, bl = self.layer_norm2.bias, self.linear_proj.weight, self.linear_proj.bias
-            z = self.layer_norm3(torch.baddbmm(beta2, a, side.rows)
-                                 + self.dropout(torch.baddbmm(beta2 @ wl.T + bl, a, side.proj_rows)))
+            lin = torch.baddbmm(beta2 @ wl.T + bl, a, side.proj_rows)  # W_l h + b_l [N_v, N_t, D]
+            if dropout_key is not None and self.dropout.p > 0:
+                lin = lin * pair_dropout_mask(*dropout_key, lin.shape[-1], self.dropout.p, lin.dtype)
+            else:
+                lin = self.dropout(lin)
+            z = self.layer_norm3(torch.baddbmm(beta2, a, side.rows) + lin)
             z = nn.functional.normalize(z, dim=-1) if unit else z
         return z.transpose(0, 1) if text_major else z
 

@@ -136,6 +136,17 @@ def keyed_noise(stream: tuple, rows: torch.Tensor, trials: int, dim: int, prior:
     return counter_noise(row_keys(stream, torch.as_tensor(rows, device=device)), table, prior, std)
 
 
+def pair_dropout_mask(stream: tuple, video_ids: torch.Tensor, text_ids: torch.Tensor, dim: int, p: float,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dropout's multiplier for pairs (video i, text j) of a batch, [N_v, N_t, D]:
+        m[i, j, d] = 1[u(stream, i, j, d) >= p] / (1 - p),   u the counter-based uniform above
+    a pure function of the pair's global ids, so a pair has one mask whichever rank pools it and in whichever
+    direction of the loss (the world size does not change training), and a resumed step draws the same."""
+    keys = row_keys(stream, video_ids[:, None], text_ids[None, :])  # [N_v, N_t]
+    u = _uniform(keys[..., None], noise_table(stream, 1, dim, video_ids.device)[0, 0])  # [N_v, N_t, D]
+    return (u >= p).to(dtype) * (1.0 / (1.0 - p))
+
+
 def stochastic_text(text: torch.Tensor, radius: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """t_s = t + R * eps (fp32)."""
     return text.float() + radius * eps.to(radius)

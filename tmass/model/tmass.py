@@ -12,7 +12,7 @@ from torch import nn
 from transformers import CLIPModel
 
 from ..config import ModelConfig
-from ..loss import Gather, tmass_loss
+from .loss import Gather, tmass_loss
 from .clip import build_clip, compile_layers, enable_grad_checkpointing, frame_features, text_features
 from .pooling import TextConditionedPool
 from .stochastic import SimilarityRadius
@@ -51,13 +51,13 @@ class TMASS(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, video: torch.Tensor,
                 eps: torch.Tensor, offset: int = 0, gather: Gather | None = None,
-                video_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                video_ids: torch.Tensor | None = None, dropout_stream: tuple | None = None) -> dict[str, torch.Tensor]:
         """The training loss of this process's pairs; `eps` [B, D] is the noise of the whole (global) batch;
-        `video_ids` [B] enables multi-positive pairs."""
+        `video_ids` [B] enables multi-positive pairs; `dropout_stream` keys the pooling's dropout per pair."""
         t, f = self.encode_text(input_ids, attention_mask), self.encode_frames(video)
         return tmass_loss(self.pool_frames, self.radius, self.logit_scale, t, f, eps, offset=offset, gather=gather,
                           support_weight=self.cfg.support_loss_weight, support_center=self.cfg.support_center,
-                          video_ids=video_ids)
+                          video_ids=video_ids, dropout_stream=dropout_stream)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
+from ..data.video import DecodeError, decode_frames
 from .sources import SOURCES, SourceOptions, VideoItem
 from .transcode import TranscodeOptions, VideoError, probe, transcode
 from .format import VIDEO_EXTS
@@ -38,6 +39,7 @@ class BuildConfig:
     max_count: int = 200
     max_size: float = 1e9
     max_failures: int | None = None
+    max_failed_fraction: float = 0.2
     overwrite: bool = False
     progress: bool = True
 
@@ -59,14 +61,20 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 def safe_keys(video_ids: list[str]) -> list[str]:
-    """Keys webdataset can split on '.': unsafe runs become '_'; duplicates get -2, -3, ..."""
-    seen: dict[str, int] = {}
+    """Keys webdataset can split on '.', all distinct: unsafe runs become '_'; a key already taken (by a
+    duplicate id or by another id's suffixed key) gets the next free -2, -3, ..."""
+    used: set[str] = set()
+    next_n: dict[str, int] = {}
     keys = []
     for vid in video_ids:
-        key = _UNSAFE.sub("_", vid).strip("_")[:120] or "video"
-        n = seen.get(key, 0) + 1
-        seen[key] = n
-        keys.append(key if n == 1 else f"{key}-{n}")
+        base = _UNSAFE.sub("_", vid).strip("_")[:120] or "video"
+        key, n = base, next_n.get(base, 1)
+        while key in used:
+            n += 1
+            key = f"{base}-{n}"
+        next_n[base] = n
+        used.add(key)
+        keys.append(key)
     return keys
 
 
@@ -92,8 +100,11 @@ def process(job: tuple[int, str, VideoItem], source: str,
         if opts is not None:
             data, orig = transcode(data, opts)
         info = probe(data)
+        decode_frames(data, 2, "uniform")  # the decoder that training uses must read it too
     except VideoError as e:
         return fail(e.reason, e.detail)
+    except DecodeError as e:
+        return fail(f"training decoder (decord): {e.reason}", str(e))
     except Exception as e:  # a decoder's surprise must not end a build of a million videos
         return fail("error", f"{type(e).__name__}: {e}")
     meta = {"video_id": item.video_id, "captions": captions, "source": source, "path": item.path,
@@ -111,6 +122,7 @@ def build_split(cfg: BuildConfig, split: str, pool) -> dict:
     writer = SplitWriter(cfg.out, split, cfg.content_options(split), cfg.max_count, cfg.max_size, cfg.overwrite)
     done = writer.finished_manifest()
     if done is not None:
+        check_failed_fraction(done, cfg.max_failed_fraction, done.get("failures", []))
         return {**done, "already_built": True}
     items = source.items(split, cfg.source_opts)
     keys = safe_keys([it.video_id for it in items])
@@ -133,23 +145,40 @@ def build_split(cfg: BuildConfig, split: str, pool) -> dict:
     finally:
         bar.close()
     writer.close(len(items))
-    return writer.write_manifest({"source": cfg.source, "inputs": len(items), "elapsed_s": round(time.time() - t0, 2)})
+    manifest = writer.write_manifest({"source": cfg.source, "inputs": len(items),
+                                      "elapsed_s": round(time.time() - t0, 2)})
+    check_failed_fraction(manifest, cfg.max_failed_fraction, writer.failures)
+    return manifest
 
 
-def _failure_report(split: str, failures: list[dict], limit: int) -> str:
+def check_failed_fraction(manifest: dict, limit: float, failures: list[dict]) -> None:
+    """A split where more than `limit` of the inputs failed is an error (the shards are kept: a rerun after
+    fixing the inputs, with --overwrite, rebuilds them)."""
+    inputs, failed = manifest.get("inputs", 0), manifest["totals"]["failed"]
+    if inputs and failed > limit * inputs:
+        raise TooManyFailures(_failure_report(manifest["split"], failures, None, limit, inputs))
+
+
+def _failure_report(split: str, failures: list[dict], limit: int | None, fraction: float | None = None,
+                    inputs: int = 0) -> str:
     reasons: dict[str, int] = {}
     for f in failures:
         reasons[f["reason"]] = reasons.get(f["reason"], 0) + 1
-    head = "\n".join(f"  {f['video_id']}: {f['reason']} {f['detail']}" for f in failures[:5])
-    return (f"{split}: {len(failures)} inputs failed, more than --max_failures {limit} "
+    head = "\n".join(f"  {f['video_id']} ({f['path']}): {f['reason']} {f['detail']}" for f in failures[:5])
+    if fraction is None:
+        bound, fix = f"more than --max_failures {limit}", "rerun the same command: it resumes"
+    else:
+        bound = f"{len(failures)} of {inputs}, more than --max_failed_fraction {fraction:g}"
+        fix = "rerun with --overwrite, or raise --max_failed_fraction"
+    return (f"{split}: {len(failures)} inputs failed, {bound} "
             f"({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))}). First ones:\n{head}\n"
-            f"Fix the inputs (or raise --max_failures) and rerun the same command: it resumes.")
+            f"Fix the inputs and {fix}.")
 
 
 def summary_line(m: dict) -> str:
     t = m["totals"]
     why = ", ".join(f"{k}: {v}" for k, v in sorted(m["failures_by_reason"].items()))
-    state = "already built" if m.get("already_built") else f"in {m.get('elapsed_s', 0):.1f} s"
+    state = "already built (--overwrite rebuilds it)" if m.get("already_built") else f"in {m.get('elapsed_s', 0):.1f} s"
     return (f"{m['split']}: {t['samples']} samples, {t['captions']} captions in {t['shards']} shards "
             f"({t['bytes'] / 1e6:.1f} MB), {t['failed']} failed{f' ({why})' if why else ''}, {state}")
 
@@ -167,7 +196,9 @@ def summary_table(manifests: list[dict]) -> str:
 
 def build(cfg: BuildConfig) -> list[dict]:
     """Build every requested split. Returns the manifests; raises TooManyFailures past --max_failures."""
-    splits = cfg.splits or list(SOURCES[cfg.source].splits)
+    source = SOURCES[cfg.source]
+    splits = cfg.splits or list(source.splits_for(cfg.source_opts) if hasattr(source, "splits_for")
+                                else source.splits)
     pool = mp.get_context("fork").Pool(cfg.workers) if cfg.workers > 1 else None
     try:
         manifests = [build_split(cfg, split, pool) for split in splits]

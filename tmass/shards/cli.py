@@ -35,14 +35,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--anno_dir", help="folder holding the dataset's annotation files under their usual names")
     g.add_argument("--anno", help="one annotation file (for one split); required for csv and jsonl")
     g.add_argument("--videos_dir", help="folder holding the videos")
-    g.add_argument("--msrvtt_train_file", default="9k", choices=["9k", "7k"])
+    g.add_argument("--msrvtt_train_file", default="9k", choices=["9k", "7k"], help="msrvtt: the train list (9k)")
+    g.add_argument("--val_count", type=int, default=0,
+                   help="msrvtt: hold out this many train videos as a val split for model selection (default 0)")
     g.add_argument("--charades_text", default="script", choices=["script", "descriptions"])
     g.add_argument("--video_ext", default="mp4", help="extension of vatex/charades videos (default mp4)")
     g = p.add_argument_group("synthetic corpus")
     for split, n in DEFAULT_SIZES.items():
         g.add_argument(f"--num_{split}", type=int, default=n, help=f"videos in {split} (default {n})")
-    g.add_argument("--captions_per_video", type=int, default=5)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--captions_per_video", type=int, default=5, help="synthetic: captions of each video (5)")
+    g.add_argument("--seed", type=int, default=0, help="synthetic videos, and msrvtt's held-out val videos (0)")
     g = p.add_argument_group("normalisation")
     d = TranscodeOptions()
     g.add_argument("--short_side", type=int, default=d.short_side, help="downscale to this short side")
@@ -62,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max_size", type=_size, default=1e9, help="bytes per shard at most, e.g. 500MB, 1GB")
     g.add_argument("--max_failures", type=int, default=None,
                    help="stop with an error once more inputs than this have failed (default: never)")
+    g.add_argument("--max_failed_fraction", type=float, default=0.2,
+                   help="exit with an error when more than this fraction of a split's inputs failed (default 0.2)")
     g.add_argument("--overwrite", action="store_true", help="rebuild the splits from scratch")
     g.add_argument("--no_progress", action="store_true")
     return p
@@ -71,18 +75,21 @@ def config_from_args(a: argparse.Namespace) -> BuildConfig:
     if a.workers < 0:
         raise ValueError("--workers must be 0 (one per CPU core) or more")
     workers = a.workers or len(os.sched_getaffinity(0))
+    if not 0 <= a.max_failed_fraction <= 1:
+        raise ValueError("--max_failed_fraction must be in [0, 1]")
     if a.max_count < 1:
         raise ValueError("--max_count must be at least 1")
     sizes = {s: getattr(a, f"num_{s}") for s in DEFAULT_SIZES}
     return BuildConfig(
         source=a.source, out=a.out, splits=a.splits.split(",") if a.splits else None,
         source_opts=SourceOptions(anno_dir=a.anno_dir, anno=a.anno, videos_dir=a.videos_dir,
-                                  msrvtt_train_file=a.msrvtt_train_file, charades_text=a.charades_text,
+                                  msrvtt_train_file=a.msrvtt_train_file, val_count=a.val_count, charades_text=a.charades_text,
                                   video_ext=a.video_ext, num_videos=sizes if a.source == "synthetic" else {},
                                   captions_per_video=a.captions_per_video, seed=a.seed),
         transcode=TranscodeOptions(a.short_side, a.fps, a.crf, a.preset, a.tune, a.max_frames),
         no_transcode=a.no_transcode, workers=workers, max_count=a.max_count, max_size=a.max_size,
-        max_failures=a.max_failures, overwrite=a.overwrite, progress=not a.no_progress)
+        max_failures=a.max_failures, max_failed_fraction=a.max_failed_fraction, overwrite=a.overwrite,
+        progress=not a.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     empty = [m["split"] for m in manifests if m["totals"]["samples"] == 0]
     if empty:
         print(f"error: nothing was written for {', '.join(empty)}: see the failures in "
-              f"{cfg.out}/<split>.json", file=sys.stderr)
+              f"{', '.join(os.path.join(cfg.out, s + '.json') for s in empty)}", file=sys.stderr)
         return 1
     return 0
 

@@ -49,6 +49,7 @@ class SourceOptions:
     anno: str | None = None  # one annotation file, overriding the usual name (a single split)
     videos_dir: str | None = None
     msrvtt_train_file: str = "9k"
+    val_count: int = 0  # msrvtt: hold out this many train videos as a validation split
     charades_text: str = "script"
     video_ext: str = "mp4"
     num_videos: dict[str, int] = field(default_factory=dict)  # synthetic: videos per split

@@ -1,12 +1,15 @@
 """MSR-VTT in the CLIP4Clip layout: MSRVTT_data.json + MSRVTT_train.{9k,7k}.csv + MSRVTT_JSFUSION_test.csv.
 
 train: every video of the train csv, carrying all its (usually 20) captions from the json.
+val:   with --val_count N, N videos of the train csv held out of train (chosen by --seed), for model selection;
+       MSR-VTT has no validation split of its own, and selecting on the test split leaks it.
 test:  the 1k-A split, one row per (video, sentence) of MSRVTT_JSFUSION_test.csv.
 Videos at {videos_dir}/{video_id}.mp4.
 """
 from __future__ import annotations
 
 import os
+import random
 
 from .base import (AnnotationError, SourceOptions, VideoItem, anno_path, group_captions, need_videos_dir, read_csv,
                    read_json, require_keys)
@@ -22,9 +25,15 @@ class MSRVTT:
     splits = ("train", "test")
     files = {"train": "MSRVTT_train.9k.csv", "test": "MSRVTT_JSFUSION_test.csv"}
 
+    def splits_for(self, opts: SourceOptions) -> tuple[str, ...]:
+        return ("train", "val", "test") if opts.val_count > 0 else self.splits
+
     def items(self, split: str, opts: SourceOptions) -> list[VideoItem]:
         videos_dir = need_videos_dir(self.name, opts)
-        if split == "train":
+        if split == "val" and opts.val_count <= 0:
+            raise AnnotationError("msrvtt has no validation split of its own: pass --val_count N to hold out N "
+                                  "train videos (e.g. --val_count 500)")
+        if split in ("train", "val"):
             if opts.msrvtt_train_file not in ("9k", "7k"):
                 raise AnnotationError(f"--msrvtt_train_file must be 9k or 7k, not {opts.msrvtt_train_file!r}")
             train_csv = opts.anno or os.path.join(opts.anno_dir or ".", f"MSRVTT_train.{opts.msrvtt_train_file}.csv")
@@ -36,6 +45,12 @@ class MSRVTT:
                 require_keys(data_json, s, ["video_id", "caption"], f"sentences[{i}]", JSON_FORMAT)
             caps = group_captions([(s["video_id"], s["caption"]) for s in data["sentences"]])
             pairs = [(vid, caps.get(vid, [])) for vid in ids]
+            if opts.val_count > 0:
+                if opts.val_count >= len(ids):
+                    raise AnnotationError(f"--val_count {opts.val_count} leaves no training video ({len(ids)} in "
+                                          f"{train_csv})")
+                held = set(random.Random(f"msrvtt-val-{opts.seed}").sample(sorted(ids), opts.val_count))
+                pairs = [(v, c) for v, c in pairs if (v in held) == (split == "val")]
         else:
             rows = read_csv(anno_path(self, split, opts), ["video_id", "sentence"], TEST_FORMAT)
             pairs = list(group_captions([(r["video_id"], r["sentence"]) for r in rows]).items())

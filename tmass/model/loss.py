@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .model.pooling import TextConditionedPool
-from .model.stochastic import paired_cosines, stochastic_text, support_text
+from .pooling import TextConditionedPool
+from .stochastic import paired_cosines, stochastic_text, support_text
 
 MAX_LOGIT_SCALE = math.log(100.0)
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -52,19 +52,24 @@ def symmetric_infonce(s_rows: torch.Tensor, s_cols: torch.Tensor, offset: int, l
 def tmass_loss(pool: TextConditionedPool, radius: Callable, logit_scale: torch.Tensor, t_loc: torch.Tensor,
                f_loc: torch.Tensor, eps_all: torch.Tensor, *, offset: int = 0, gather: Gather | None = None,
                support_weight: float = 0.0, support_center: str = "upstream",
-               video_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               video_ids: torch.Tensor | None = None, dropout_stream: tuple | None = None) -> dict[str, torch.Tensor]:
     """The loss of one rank. t_loc [b, D] and f_loc [b, F, D] are its pairs; eps_all [B, D] is the noise of
     every pair of the global batch (the same on every rank). Without `gather`, b = B (one process).
     video_ids [B] (the global batch's video of each pair) turns on multi-positive InfoNCE: pairs of the same
-    video count as positives (MSR-VTT has 20 captions per video)."""
+    video count as positives (MSR-VTT has 20 captions per video). dropout_stream (e.g. (seed, "dropout", step,
+    micro)) keys the pooling's dropout mask of each pair by its global ids: both directions of the loss, and
+    every world size, see the same mask for a pair, as upstream's single process does."""
     single = gather is None
     t_all = t_loc if single else gather(t_loc)  # [B, D]
     f_all = f_loc if single else gather(f_loc)  # [B, F, D]
     b, rows = t_loc.shape[0], slice(offset, offset + t_loc.shape[0])
     r_all = radius(paired_cosines(t_all, f_all))  # [B, D], each text's radius from its own video
     q_all, side_all = pool.text_side(t_all), pool.video_side(f_all)  # each half of the pooling once per pair
-    v_rows = pool.pool(q_all[rows], side_all)  # [B, b, D]: every video pooled with each local text
-    v_cols = v_rows if single else pool.pool(q_all, side_all[rows])  # [b, B, D]: local videos, every text
+    every, local = torch.arange(t_all.shape[0], device=t_all.device), torch.arange(rows.start, rows.stop,
+                                                                                   device=t_all.device)
+    key = (lambda v, t: None) if dropout_stream is None else (lambda v, t: (dropout_stream, v, t))
+    v_rows = pool.pool(q_all[rows], side_all, dropout_key=key(every, local))  # [B, b, D]: all videos, local texts
+    v_cols = v_rows if single else pool.pool(q_all, side_all[rows], dropout_key=key(local, every))  # [b, B, D]
 
     positives = None if video_ids is None else video_ids[rows, None] == video_ids[None, :]  # [b, B], symmetric
 
