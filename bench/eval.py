@@ -1,7 +1,7 @@
 """Benchmark: the stochastic evaluation on random features (N_t = N_v = N, F = 12, D = 512, M = 20).
 
-    (a) upstream   a faithful re-implementation of the upstream procedure (method notes b.1, steps 2 to 5, and
-                   b.4's t2v ranks): the pooled videos V [N_v, N_t, D] for every pair; a loop over videos that
+    (a) upstream   a faithful re-implementation of the upstream procedure (its _valid_epoch_step and t2v
+                   ranks): the pooled videos V [N_v, N_t, D] for every pair; a loop over videos that
                    calls the stochastic module once per trial (R made again each time, as upstream does) and
                    keeps each text's best trial with a loop over texts, in a second [N_v, N_t, D] tensor; both
                    regrouped per video id through Python dicts; the (leaky) similarity as one batched product
@@ -29,7 +29,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 F_FRAMES, DIM = 12, 512
 
@@ -72,7 +71,7 @@ def upstream_pool(pool, t: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
 
 
 def upstream_stochastic(radius, t: torch.Tensor, frames_rep: torch.Tensor) -> torch.Tensor:
-    """One call of upstream's stochastic module (method notes a.2, a.3), as upstream makes it, once per trial:
+    """One call of upstream's stochastic module (docs/method.md), as upstream makes it, once per trial:
     t and the video's frames (tiled over the texts) normalised again, t repeated over the frames, the F x F
     cosines averaged over the repeated axis, R = exp(W S + b), fresh uniform noise.
     t [N_t, D], frames_rep [N_t, F, D] -> t + u R [N_t, D]."""
@@ -120,7 +119,7 @@ def upstream_sims(text_per_id: torch.Tensor, vid_per_id: torch.Tensor) -> torch.
     """Step 5 (sim_matrix_inference_stochastic): both [N_v, N_ids, M', D] (N_ids = N_v) normalised, the videos'
     axes permuted to [N_v M', D, N_v], one batched product [N_v M', N_ids, N_v] of which the diagonal blocks are
     kept. -> sims [N_ids, M', N_v] with sims[b, m, i] = <t(b, m | i), V[i, (i, m)]>: video i pooled with its own
-    m-th caption (the leak, notes b.2)."""
+    m-th caption (the leak: docs/method.md)."""
     text_per_id = text_per_id / text_per_id.norm(dim=-1, keepdim=True)
     vid_per_id = vid_per_id / vid_per_id.norm(dim=-1, keepdim=True)
     n_v, n_ids, m, dim = text_per_id.shape
@@ -131,14 +130,14 @@ def upstream_sims(text_per_id: torch.Tensor, vid_per_id: torch.Tensor) -> torch.
 
 
 def upstream_t2v_ranks(sims: torch.Tensor) -> torch.Tensor:
-    """b.4's t2v: a double argsort of [M', N_t, N_v], each query's rank read off the diagonal."""
+    """Upstream's t2v: a double argsort of [M', N_t, N_v], each query's rank read off the diagonal."""
     order = torch.argsort(torch.argsort(sims.permute(1, 0, 2), dim=-1, descending=True), dim=-1)
     return torch.flatten(torch.diagonal(order, dim1=1, dim2=2))
 
 
 @torch.no_grad()
 def upstream(head: Head, n: int, trials: int) -> None:
-    """Method notes b.1, step by step, on the CPU as upstream runs it: what each step holds stays held while
+    """The upstream procedure, step by step, on the CPU as upstream runs it: what each step holds stays held while
     upstream's frame holds it."""
     t, frames = features(n)
     vid_ids = list(range(n))  # one caption per video

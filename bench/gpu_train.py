@@ -86,7 +86,7 @@ def deepspeed_run(arch, frames, batch, stage, ckpt, precision, device, warmup, s
     import deepspeed
 
     from tmass.config import Config
-    from tmass.train import param_groups
+    from tmass.engine import param_groups
 
     model = new_model(arch, frames, ckpt, compile)
     ds = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,

@@ -6,7 +6,7 @@ Setup: N generated clips of 640x360, 30 fps, 10-20 s, H.264 mp4 (textured and mo
     upstream     OpenCV opens each file and seeks to each of the 12 frames, then float transforms
                  (RandomResizedCrop, flip, normalize), as the upstream loader does; run on
                    raw             the 640x360 30 fps files
-                   precompressed   the same clips re-encoded to 224 short side at 3 fps, plain libx264 (CLIP4Clip's prep)
+                   precompressed   the same clips at 224 short side, 3 fps, plain libx264 (CLIP4Clip's prep)
 Everything runs in one process with one thread (torch, OpenCV): the figures are per core.
 
     python bench/loader.py                        # 16 clips

@@ -4,7 +4,7 @@
 #   2. train a small T-MASS from scratch with `deepspeed` on 2 ranks (CPU processes here, GPUs where there are);
 #   3. evaluate the best checkpoint (by validation R@1) on the held-out test split with the sharded evaluation;
 #   4. draw the loss and validation R@1 curves to a PNG.
-# --compare also trains and evaluates the X-Pool baseline (deterministic text, no support loss) with the same
+# --compare also trains and evaluates the X-Pool baseline (--deterministic_text: no text mass) with the same
 # budget, and prints both side by side.
 # Environment: DATA (shards, default data/synthetic), OUT (runs, default outputs), EPOCHS (default 12).
 # Other arguments go to the shard builder.

@@ -1,4 +1,4 @@
-"""Naive float64 references for the T-MASS math, written from the method notes with plain loops and
+"""Naive float64 references for the T-MASS math, written from docs/method.md with plain loops and
 explicit weight tensors (a state dict), independent of tmass's modules."""
 from __future__ import annotations
 

@@ -97,9 +97,9 @@ def _bench_eval():
 
 
 def test_upstream_baseline_regroups_to_the_leaky_score():
-    """bench/eval.py's (a), steps 4 and 5 (per_video_id, upstream_sims), computes what method notes b.2 found the
+    """bench/eval.py's (a), steps 4 and 5 (per_video_id, upstream_sims), computes what the
     upstream code computes: sims[b, m, i] = cos(t(b's m-th caption | i), V[i, i's own m-th caption]), NaN where a
-    video has fewer captions. Here with 1 to 3 captions per video, against a float64 loop; then b.4's t2v ranks
+    video has fewer captions. Here with 1 to 3 captions per video, against a float64 loop; then upstream's t2v ranks
     against counting."""
     be = _bench_eval()
     g = torch.Generator().manual_seed(0)

@@ -261,6 +261,7 @@ def test_annotation_errors_exit_2(tmp_path, capsys):
     assert main(["--source", "msrvtt", "--anno_dir", str(tmp_path), "--videos_dir", str(tmp_path),
                  "--out", str(tmp_path / "o"), "--no_progress"]) == 2
     assert "MSRVTT_train.9k.csv: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []  # no stray journal
 
 
 def test_cli_script_runs_the_synthetic_corpus(tmp_path):

@@ -15,7 +15,7 @@ F = 4
 
 
 def upstream_state(seed=0):
-    """A state dict laid out as the released T-MASS checkpoints are (method notes h), made from a tiny CLIP
+    """A state dict laid out as the released T-MASS checkpoints are, made from a tiny CLIP
     and random head weights, with the stale buffers and the uninitialised scalar."""
     torch.manual_seed(seed)
     clip = CLIPModel(clip_config("tiny"))
@@ -177,3 +177,15 @@ def test_a_hub_name_resolves_offline_through_the_hf_cache(tmp_path, monkeypatch)
     assert resolve_tokenizer(None, "someone/tiny-clip", None) == str(snap)
     with pytest.raises(FileNotFoundError, match=f"someone/other: not in the HF cache {cache}"):
         resolve_clip_path("someone/other")
+
+
+def test_clip_architectures_have_openais_parameter_counts():
+    """--clip_arch's configs against the parameter counts of OpenAI's checkpoints as published on the HF hub
+    (openai/clip-vit-base-patch32, -base-patch16, -large-patch14, -large-patch14-336), built on the meta device."""
+    published = {"ViT-B/32": 151_277_313, "ViT-B/16": 149_620_737, "ViT-L/14": 427_616_513,
+                 "ViT-L/14-336": 427_944_193}
+    for arch, count in published.items():
+        with torch.device("meta"):
+            model = CLIPModel(clip_config(arch))
+        assert sum(p.numel() for p in model.parameters()) == count, arch
+    assert clip_config("ViT-L/14-336").vision_config.image_size == 336

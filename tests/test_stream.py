@@ -2,7 +2,6 @@
 and hanging inputs, and exact resume."""
 import glob
 import json
-import os
 import random
 import subprocess
 import sys
@@ -328,6 +327,16 @@ def test_a_training_stream_with_no_good_sample_stops_with_the_shards_named(tmp_p
     with pytest.raises(StreamStalled, match=shown):
         list(make_loader(ds, 0))
     assert time.time() - t < 30
+
+
+def test_captions_of_a_hand_made_sample():
+    """A json whose "captions" is one string is one caption, not one per letter; other types give none."""
+    from tmass.data.stream import captions_of
+
+    assert captions_of({"json": json.dumps({"captions": "a man cooks"}).encode()}) == ["a man cooks"]
+    assert captions_of({"json": json.dumps({"captions": ["a", " ", 3, "b c"]}).encode()}) == ["a", "b c"]
+    assert captions_of({"json": json.dumps({"captions": {"x": 1}}).encode()}) == []
+    assert captions_of({"txt": b"one\n\ntwo\n"}) == ["one", "two"]
 
 
 def test_too_many_bad_samples_names_the_worst_shards():

@@ -41,7 +41,8 @@ def components(mask):
         seen[y0, x0] = True
         while q:
             y, x = q.popleft()
-            ys.append(y); xs.append(x)
+            ys.append(y)
+            xs.append(x)
             for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
                 v, u = y + dy, x + dx
                 if 0 <= v < mask.shape[0] and 0 <= u < mask.shape[1] and mask[v, u] and not seen[v, u]:

@@ -41,7 +41,8 @@ def test_global_batch_of_two_ranks_equals_one_rank(tmp_path, dropout):
     out["loss"].backward()
     assert abs(got["loss"].item() - out["loss"].item()) < 1e-5
     if dropout:  # the mask is there: another step's mask gives another loss
-        other = model(inputs["ids"], inputs["mask"], inputs["video"], inputs["eps"], dropout_stream=(24, "dropout", 4, 0))
+        other = model(inputs["ids"], inputs["mask"], inputs["video"], inputs["eps"],
+                      dropout_stream=(24, "dropout", 4, 0))
         assert abs(other["loss"].item() - out["loss"].item()) > 1e-4
     for n, p in model.named_parameters():
         torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
@@ -129,7 +130,7 @@ def test_every_cpu_capable_config_starts_and_steps(synthetic_shards, tmp_path, c
     (["--deepspeed_config", os.path.join(DS, "zero2_fp16.json")], "fp16, which DeepSpeed does not run on CPUs"),
     (["--batch_size", "6"], "not divisible by world size 4"),
     (["--train_shards", "/nowhere/train-{000000..000001}.tar"], "train shard(s) missing"),
-    (["--clip_arch", "ViT-L/14"], "argument --clip_arch: invalid choice: 'ViT-L/14'"),
+    (["--clip_arch", "ViT-H/14"], "argument --clip_arch: invalid choice: 'ViT-H/14'"),
     (["--videos_dir", "/v"], "--videos_dir: tmass reads WebDataset shards: build them once with `tmass-build-shards"),
     (["--log_step", "0"], "--log_step must be at least 1"),
     (["--input_res", "64"], "--input_res 64, but the CLIP (--clip_arch tiny) takes 32 x 32 frames"),
@@ -223,7 +224,7 @@ def test_xpool_baseline_trains_without_the_text_mass(synthetic_shards, tmp_path)
 def test_param_groups_two_learning_rates_and_optional_no_decay():
     from tmass.config import parse_config
     from tmass.model.tmass import TMASS
-    from tmass.train import param_groups
+    from tmass.engine import param_groups
 
     model = TMASS(parse_config(["--clip_arch", "tiny"]).model)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -242,17 +243,23 @@ def test_param_groups_two_learning_rates_and_optional_no_decay():
         assert sum(len(g["params"]) for g in groups) == len(names)
 
 
-def test_sigusr1_makes_every_rank_checkpoint_and_exit_then_resume(synthetic_shards, tmp_path):
-    """What slurm/train.sbatch does on preemption: USR1 to the ranks on this node -> every rank saves at the end
-    of its step and exits 0; the relaunch resumes from there and finishes."""
-    args = train_args(synthetic_shards, tmp_path, "--save_every_steps", "1000", "--num_epochs", "20",
-                      "--val_shards", "", steps=60)
+def launch_until_step_3(shards, tmp_path):
+    """A 2-rank run of 60 steps without validation, launched and left running once it has logged step 3."""
+    args = train_args(shards, tmp_path, "--save_every_steps", "1000", "--num_epochs", "20", "--val_shards", "",
+                      steps=60)
     p = launch(args)
     run = tmp_path / "run"
     t = time.time()
     while not (run / "train.log").exists() or "step 3 " not in (run / "train.log").read_text():
         assert time.time() - t < 300 and p.poll() is None, "training did not start"
         time.sleep(0.1)
+    return args, p, run
+
+
+def test_sigusr1_makes_every_rank_checkpoint_and_exit_then_resume(synthetic_shards, tmp_path):
+    """What slurm/train.sbatch does on preemption: USR1 to the ranks on this node -> every rank saves at the end
+    of its step and exits 0; the relaunch resumes from there and finishes."""
+    args, p, run = launch_until_step_3(synthetic_shards, tmp_path)
     subprocess.run(["pkill", "-USR1", "-f", f"launch/train.py --local_rank.*{tmp_path}"], check=True)
     output, _ = p.communicate(timeout=300)
     assert p.returncode == 0, output[-3000:]
@@ -270,7 +277,7 @@ import json, sys, torch, deepspeed
 from tmass import dist
 from tmass.config import parse_config
 from tmass.model.tmass import TMASS
-from tmass.train import param_groups
+from tmass.engine import param_groups
 dist.init()
 cfg = parse_config(["--clip_arch", "tiny", *sys.argv[1:]])
 model = TMASS(cfg.model)
@@ -398,15 +405,8 @@ def test_a_second_launch_on_a_live_run_is_refused_and_a_stale_lock_is_taken_over
 
 def test_ranks_stop_with_a_checkpoint_when_the_launcher_alone_is_killed(synthetic_shards, tmp_path):
     """SIGKILL to the `deepspeed` launcher only (not its process group): its ranks notice, save a checkpoint
-    together at the end of the step and exit, instead of training on as orphans; a relaunch resumes."""
-    args = train_args(synthetic_shards, tmp_path, "--save_every_steps", "1000", "--num_epochs", "20",
-                      "--val_shards", "", steps=60)
-    p = launch(args)
-    run = tmp_path / "run"
-    t = time.time()
-    while not (run / "train.log").exists() or "step 3 " not in (run / "train.log").read_text():
-        assert time.time() - t < 300 and p.poll() is None, "training did not start"
-        time.sleep(0.1)
+    together at the end of the step and exit, instead of training on as orphans, and release the run lock."""
+    _, p, run = launch_until_step_3(synthetic_shards, tmp_path)
     ranks = subprocess.run(["pgrep", "-f", f"launch/train.py --local_rank.*{tmp_path}"], capture_output=True,
                            text=True).stdout.split()
     assert len(ranks) >= 2  # the 2 ranks and their loader workers

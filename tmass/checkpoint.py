@@ -352,7 +352,8 @@ def load_from_run(path: str, tag: str | None = None) -> tuple[TMASS, dict]:
     one_element_logit_scale(clip)
     model = TMASS(cfg.model, clip=clip)
     load_state_strict(model, state, path)
-    info = {"kind": "run", "run": run, "tag": meta["tag"], "step": meta["step"], "epoch": meta.get("epoch"),
+    epochs = meta["step"] // meta["steps_per_epoch"] if meta.get("steps_per_epoch") else meta.get("epoch")
+    info = {"kind": "run", "run": run, "tag": meta["tag"], "step": meta["step"], "epoch": epochs,  # completed
             "eval_settings": {k: getattr(cfg.eval, k) for k in EVAL_SETTINGS} | {"seed": cfg.data.seed}}
     return model, info
 

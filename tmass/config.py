@@ -1,14 +1,14 @@
 """Every option of tmass in one dataclass tree, and its command line.
 
     Config
-      model  ModelConfig   the network (method notes a)
+      model  ModelConfig   the network (docs/method.md)
       data   DataConfig    shards -> batches
       eval   EvalConfig    the sharded, leak-free evaluation
       train  TrainConfig   optimisation, checkpoints, logs
 
 Flags are the field names (`--num_frames`, `--noclip_lr`, `--support_loss_weight`, ...), so upstream T-MASS
 command lines carry over; `--stochasic_trials` (upstream's spelling) and `--DSL` are aliases. Defaults follow the
-upstream code (method notes, section c). Contradictions fail here, before any process starts, with a message
+upstream code. Contradictions fail here, before any process starts, with a message
 that names the fix.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
-CLIP_ARCHS = ("ViT-B/32", "ViT-B/16", "small", "tiny")
+CLIP_ARCHS = ("ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14-336", "small", "tiny")
 PRIORS = ("uniform01", "normal")
 SUPPORT_CENTERS = ("upstream", "paper")
 TRAIN, EVAL, BOTH = "train", "eval", "both"  # which command line shows a flag
@@ -47,7 +47,7 @@ def _check_choices(obj) -> None:
 
 @dataclass
 class ModelConfig:
-    """The network (method notes a)."""
+    """The network (docs/method.md)."""
 
     clip_arch: str = opt("ViT-B/32", "CLIP architecture of random weights (without --clip_path); small and tiny "
                                      "are the demo's and the tests' small random CLIPs", choices=CLIP_ARCHS)
@@ -217,7 +217,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "train
 ALIASES = {"stochasic_trials": "stochastic_trials", "DSL": "dsl", "num_frame": "num_frames"}
 SHARED = {"num_frames": ("model", "data"), "deterministic_text": ("model", "eval")}  # one flag, several sections
 
-# Per-dataset values of the upstream README (method notes c.2).
+# Per-dataset values of the upstream README.
 PRESETS: dict[str, dict[str, typing.Any]] = {
     "msrvtt": {"noclip_lr": 3e-5, "transformer_dropout": 0.3, "support_loss_weight": 0.8, "num_epochs": 5,
                "stochastic_trials": 20},

@@ -71,7 +71,7 @@ def init(timeout_minutes: int = 30) -> DistInfo:
     if not tdist.is_initialized():
         import deepspeed
 
-        # Stack notes P1: the shared-memory op JIT-compiles for a minute on a fresh CPU machine and training
+        # The shared-memory op JIT-compiles for a minute on a fresh CPU machine and training
         # never uses it.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         from datetime import timedelta

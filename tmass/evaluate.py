@@ -1,4 +1,4 @@
-"""The sharded, leak-free stochastic evaluation (method notes b.3), used by launch/eval.py and by validation
+"""The sharded, leak-free stochastic evaluation (docs/evaluation.md), used by launch/eval.py and by validation
 during training.
 
 1. Encode: each rank encodes its share of the test set once (EvalStream); the shares are gathered, so every

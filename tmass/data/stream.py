@@ -216,7 +216,8 @@ def captions_of(sample: dict) -> list[str]:
     if "json" in sample:
         try:
             caps = json.loads(sample["json"]).get("captions") or []
-            return [c for c in caps if isinstance(c, str) and c.strip()]
+            caps = [caps] if isinstance(caps, str) else caps  # one caption, not one per letter
+            return [c for c in caps if isinstance(c, str) and c.strip()] if isinstance(caps, list) else []
         except (ValueError, AttributeError):
             pass
     if "txt" in sample:
@@ -340,7 +341,7 @@ class TrainStream(IterableDataset):
         ranks tile the sequence and an epoch of ceil(N / B) global batches sees every unit once, the last
         batch's overhang wrapping to the start. Its share is shuffled in the buffer (drained at the share's
         end); skipped samples are made up by a second pass over the share, shuffled on its own."""
-        cfg, W = self.cfg, self.streams
+        cfg = self.cfg
         units = self.shard_units()
         order = list(range(len(self.urls)))
         keyed_rng("perm", cfg.seed, epoch).shuffle(order)

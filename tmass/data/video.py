@@ -1,6 +1,6 @@
 """Decoding clips from bytes in memory with decord, frame sampling, and a decode timeout.
 
-Frame sampling (upstream's, method notes d.4): split [0, n) into m = min(F, n) equal intervals
+Frame sampling (upstream's): split [0, n) into m = min(F, n) equal intervals
     edges = linspace(0, n, m + 1) as int;  interval k = [edges[k], edges[k+1] - 1]
     uniform: the middle, (a + b) // 2         rand: a random frame of the interval (a when it is empty)
 then repeat the last index until there are F (clips shorter than F frames never crash).

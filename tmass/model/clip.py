@@ -41,9 +41,15 @@ def resolve_clip_path(clip_path: str) -> str:
 
 
 def clip_config(arch: str) -> CLIPConfig:
-    """The architecture of OpenAI's CLIP ViT-B/32 or ViT-B/16; `small` (the demo's) or `tiny` (the tests')."""
+    """The architecture of OpenAI's CLIP ViT-B/32, ViT-B/16, ViT-L/14 or ViT-L/14-336 (for random weights; with
+    --clip_path the checkpoint's own config.json decides); `small` (the demo's) or `tiny` (the tests')."""
     text = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
                 max_position_embeddings=77, vocab_size=49408)
+    if arch in ("ViT-L/14", "ViT-L/14-336"):
+        text.update(hidden_size=768, intermediate_size=3072, num_attention_heads=12)
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=336 if arch.endswith("336") else 224, patch_size=14)
+        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)
     if arch in ("ViT-B/32", "ViT-B/16"):
         vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                       image_size=224, patch_size=int(arch[-2:]))
@@ -76,8 +82,8 @@ def build_clip(clip_path: str | None = None, arch: str = "ViT-B/32", config: CLI
 
 
 def one_element_logit_scale(clip: CLIPModel) -> None:
-    """CLIP's logit_scale is 0-dim, which DeepSpeed's parameter broadcast cannot view as bytes (stack
-    notes, P3). Keep it as a 1-element parameter inside tmass; export converts it back."""
+    """CLIP's logit_scale is 0-dim, which DeepSpeed's parameter broadcast cannot view as bytes. Keep it as a
+    1-element parameter inside tmass; export converts it back."""
     if clip.logit_scale.dim() == 0:
         clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1))
 

@@ -1,6 +1,6 @@
 """Checkpoints in and out: the released upstream T-MASS `.pth` files, and a HF-style export directory.
 
-Upstream layout (method notes h): {"epoch", "state_dict", "optimizer"}, state_dict keys
+Upstream layout (the released checkpoints): {"epoch", "state_dict", "optimizer"}, state_dict keys
     clip.<HF CLIPModel keys>  (+ the stale buffers clip.{text,vision}_model.embeddings.position_ids;
                                clip.logit_scale is 0-dim)
     pool_frames.<our TextConditionedPool keys>

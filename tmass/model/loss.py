@@ -1,4 +1,4 @@
-"""The T-MASS training loss over a (possibly global) contrastive batch (method notes a.4-a.6).
+"""The T-MASS training loss over a (possibly global) contrastive batch (docs/method.md).
 
 With B pairs (t_j, v_j), the pooled video psi(v_i | t_j) and the stochastic text t_s[j] (radius from its own
 video j), the similarity is s[j, i] = cos(t_s[j], psi(v_i | t_j)) and

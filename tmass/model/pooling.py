@@ -1,4 +1,4 @@
-"""Text-conditioned frame pooling psi (X-Pool's single-head cross-attention; method notes a.1).
+"""Text-conditioned frame pooling psi (X-Pool's single-head cross-attention; docs/method.md).
 
 For texts t [N_t, D] and frames f [N_v, F, D], with one LayerNorm LN1 shared by both:
     q = W_q LN1(t) + b_q                       [N_t, D]

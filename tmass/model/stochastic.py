@@ -1,4 +1,4 @@
-"""The text mass: similarity-aware radius, stochastic text and support text (method notes a.2, a.3, a.5).
+"""The text mass: similarity-aware radius, stochastic text and support text (docs/method.md).
 
 All of it runs in fp32, whatever precision the towers use: exp() of a bf16 radius loses too much.
 

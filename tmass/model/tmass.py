@@ -58,8 +58,3 @@ class TMASS(nn.Module):
         return tmass_loss(self.pool_frames, self.radius, self.logit_scale, t, f, eps, offset=offset, gather=gather,
                           support_weight=self.cfg.support_loss_weight, support_center=self.cfg.support_center,
                           video_ids=video_ids, dropout_stream=dropout_stream)
-
-    @torch.no_grad()
-    def clamp_logit_scale(self) -> None:
-        """After every optimiser step, as upstream: logit_scale <= ln 100."""
-        self.logit_scale.clamp_(max=torch.log(torch.tensor(100.0)).item())

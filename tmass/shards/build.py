@@ -119,12 +119,12 @@ def process(job: tuple[int, str, VideoItem], source: str,
 def build_split(cfg: BuildConfig, split: str, pool) -> dict:
     """Build (or finish, or find finished) one split; return its manifest."""
     source = SOURCES[cfg.source]
+    items = source.items(split, cfg.source_opts)  # annotation errors stop here, before anything is written
     writer = SplitWriter(cfg.out, split, cfg.content_options(split), cfg.max_count, cfg.max_size, cfg.overwrite)
     done = writer.finished_manifest()
     if done is not None:
         check_failed_fraction(done, cfg.max_failed_fraction, done.get("failures", []))
         return {**done, "already_built": True}
-    items = source.items(split, cfg.source_opts)
     keys = safe_keys([it.video_id for it in items])
     start = writer.progress.next_item
     jobs = [(i, keys[i], items[i]) for i in range(start, len(items))]

@@ -83,7 +83,8 @@ def config_from_args(a: argparse.Namespace) -> BuildConfig:
     return BuildConfig(
         source=a.source, out=a.out, splits=a.splits.split(",") if a.splits else None,
         source_opts=SourceOptions(anno_dir=a.anno_dir, anno=a.anno, videos_dir=a.videos_dir,
-                                  msrvtt_train_file=a.msrvtt_train_file, val_count=a.val_count, charades_text=a.charades_text,
+                                  msrvtt_train_file=a.msrvtt_train_file, val_count=a.val_count,
+                                  charades_text=a.charades_text,
                                   video_ext=a.video_ext, num_videos=sizes if a.source == "synthetic" else {},
                                   captions_per_video=a.captions_per_video, seed=a.seed),
         transcode=TranscodeOptions(a.short_side, a.fps, a.crf, a.preset, a.tune, a.max_frames),

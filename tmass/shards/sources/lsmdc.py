@@ -3,7 +3,8 @@
 Tab-separated lines with 6 fields: clip id in field 0 (a leading '"' is stripped), caption in field 5.
 Every caption of a repeated clip id is kept (upstream collapses them into one).
 Path rule: {videos_dir}/{clip_id.split('.')[0][:-3]}/{clip_id}.avi, e.g.
-0001_American_Beauty_00.00.51.926-00.00.54.129 -> 0001_American_Beauty/0001_American_Beauty_00.00.51.926-00.00.54.129.avi
+    0001_American_Beauty_00.00.51.926-00.00.54.129
+    -> 0001_American_Beauty/0001_American_Beauty_00.00.51.926-00.00.54.129.avi
 """
 from __future__ import annotations
 

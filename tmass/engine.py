@@ -1,0 +1,149 @@
+"""The DeepSpeed side of training: the JSON checked against the flags and the machine, the model and its two
+learning-rate groups, the engine with its schedule, and the logit clamp. Nothing here knows of data or of the
+run directory.
+
+    schedule: linear warm-up from 0 over --warmup_proportion of the steps, then a half cosine to 0, stepped per
+    optimiser step (upstream's), through DeepSpeed's WarmupCosineLR
+    clamp:    logit_scale <= ln 100 after every step, on ZeRO's fp32 master copy
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .config import Config, ModelConfig
+from .data.tokenizer import text_config_overrides
+from .model.clip import build_clip, clip_config
+from .model.loss import MAX_LOGIT_SCALE
+from .model.tmass import TMASS
+
+
+def world_size_from_env() -> int:
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 1
+
+
+def prepare_ds_config(cfg: Config, world: int, cuda: bool) -> dict:
+    """Read the DeepSpeed JSON, check it against the flags and the machine, fill its "auto" batch size.
+    Everything here runs before any process group starts."""
+    path = cfg.train.deepspeed_config
+    if not path:
+        raise SystemExit("error: --deepspeed_config is required (e.g. ds_configs/zero2_bf16.json on GPUs, "
+                         "ds_configs/cpu_fp32.json on CPUs)")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --deepspeed_config {path}: no such file (see ds_configs/)")
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: --deepspeed_config {path} is not valid JSON (line {e.lineno}, column {e.colno}: "
+                         f"{e.msg}); compare it with the files in ds_configs/") from None
+    if not isinstance(ds, dict):
+        raise SystemExit(f"error: --deepspeed_config {path} must hold a JSON object (see ds_configs/)")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        raise SystemExit("error: ZeRO-3 partitions the HF CLIP embeddings, whose forward reads their shape "
+                         "(ZeRO-3 hides them); use ds_configs/zero2_bf16.json or zero1_bf16.json: ZeRO-2 is enough "
+                         "for a ViT-B/16 T-MASS")
+    if ds.get("fp16", {}).get("enabled") and not cuda:
+        raise SystemExit(f"error: {path} enables fp16, which DeepSpeed does not run on CPUs; use "
+                         f"ds_configs/cpu_bf16.json or cpu_fp32.json")
+    if "scheduler" in ds:
+        raise SystemExit(f"error: remove the scheduler block from {path}: tmass sets DeepSpeed's WarmupCosineLR "
+                         f"from --warmup_proportion and the run length")
+    accum = int(ds.get("gradient_accumulation_steps", 1))
+    batch = ds.get("train_batch_size", "auto")
+    explicit = "batch_size" in cfg.explicit
+    if batch == "auto":
+        batch = cfg.data.batch_size
+    elif explicit and int(batch) != cfg.data.batch_size:
+        raise SystemExit(f"error: --batch_size {cfg.data.batch_size} contradicts train_batch_size {batch} in "
+                         f"{path}; drop the flag, or set train_batch_size to \"auto\" or {cfg.data.batch_size}")
+    batch = int(batch)
+    if batch % (world * accum):
+        raise SystemExit(f"error: the global batch {batch} is not divisible by world size {world} x gradient "
+                         f"accumulation {accum}; choose a --batch_size that is a multiple of {world * accum}")
+    micro = batch // (world * accum)
+    if ds.get("train_micro_batch_size_per_gpu", "auto") not in ("auto", micro):
+        raise SystemExit(f"error: train_micro_batch_size_per_gpu in {path} should be {micro} "
+                         f"(= {batch} / ({world} ranks x {accum})), or \"auto\"")
+    ds.update(train_batch_size=batch, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+    if "optimizer" in ds and not cuda:
+        ds["optimizer"].setdefault("params", {})["torch_adam"] = True  # no fused_adam JIT on CPUs
+        ds["zero_force_ds_cpu_optimizer"] = False  # offload on a CPU machine: torch's AdamW is already there
+    return ds
+
+
+
+
+def build_model(cfg: ModelConfig, tokenizer) -> TMASS:
+    """From --clip_path, or random weights of --clip_arch whose text tower fits the tokenizer."""
+    if cfg.clip_path:
+        model = TMASS(cfg)
+        if len(tokenizer) > model.clip.config.text_config.vocab_size:
+            raise SystemExit(f"error: the tokenizer has {len(tokenizer)} tokens but the CLIP checkpoint's text "
+                             f"tower only {model.clip.config.text_config.vocab_size}: use the checkpoint's own "
+                             f"tokenizer (--tokenizer {cfg.clip_path})")
+        return model
+    conf = clip_config(cfg.clip_arch)
+    for key, value in text_config_overrides(tokenizer).items():
+        setattr(conf.text_config, key, value)
+    return TMASS(cfg, clip=build_clip(config=conf))
+
+
+def param_groups(model: TMASS, cfg: Config) -> list[dict]:
+    """Two learning rates, split like upstream by the 'clip.' prefix; optional no-decay group."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_clip = name.startswith("clip.")
+        no_decay = cfg.train.no_decay_norm_bias and (p.dim() < 2 or "norm" in name or "logit_scale" in name)
+        groups.setdefault((is_clip, no_decay), []).append(p)
+    # ZeRO-1/2 packs each group into one flat buffer and makes the module's parameters views of it, in this
+    # order. A parameter at an offset that is not a multiple of 16 bytes makes cuBLAS fall back to its slow
+    # generic kernels: CLIP's 1-element logit_scale first made a ViT-B/16 step 2.4x slower on an H200. So the
+    # parameters whose size is a multiple of 8 elements go first, the odd-sized ones (logit_scale) after them.
+    for ps in groups.values():
+        ps.sort(key=lambda p: p.numel() % 8 != 0)
+    return [{"params": ps, "lr": cfg.train.clip_lr if is_clip else cfg.train.noclip_lr,
+             "weight_decay": 0.0 if no_decay else cfg.train.weight_decay, "name": ("clip" if is_clip else "noclip")
+             + ("_no_decay" if no_decay else "")} for (is_clip, no_decay), ps in sorted(groups.items())]
+
+
+def clamp_logit_scale(engine) -> None:
+    """logit_scale <= ln 100 after every step, on the fp32 master copy that ZeRO keeps (else the module's copy
+    would be overwritten at the next step)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    p = engine.module.logit_scale
+    master = safe_get_full_fp32_param(p)
+    if master is not None and master.max() > MAX_LOGIT_SCALE:
+        safe_set_full_fp32_param(p, master.clamp(max=MAX_LOGIT_SCALE))
+    with torch.no_grad():
+        p.clamp_(max=MAX_LOGIT_SCALE)
+
+
+def initialize(cfg: Config, ds_config: dict, model: TMASS, total_steps: int):
+    """(engine, scheduler): AdamW (betas 0.9/0.999, eps 1e-6) over param_groups, unless the JSON names its own
+    optimiser, and the warm-up + cosine schedule over `total_steps`."""
+    import deepspeed
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    groups = param_groups(model, cfg)
+    client_opt = None if "optimizer" in ds_config else torch.optim.AdamW(
+        groups, betas=(0.9, 0.999), eps=1e-6, weight_decay=cfg.train.weight_decay)
+
+    def schedule(opt):
+        return WarmupCosineLR(opt, total_num_steps=total_steps, warmup_min_ratio=0.0, cos_min_ratio=0.0,
+                              warmup_num_steps=max(1, int(cfg.train.warmup_proportion * total_steps)),
+                              warmup_type="linear")
+
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=client_opt, config=ds_config,
+                                                   model_parameters=groups if client_opt is None else None,
+                                                   lr_scheduler=schedule)
+    return engine, scheduler
