@@ -365,7 +365,7 @@ def test_model_configs_and_wrong_flags():
     assert clip_config("ViT-B/16").vision_config.patch_size == 16
     assert clip_config("ViT-B/32").vision_config.patch_size == 32
     with pytest.raises(ValueError, match="--clip_arch"):
-        ModelConfig(clip_arch="ViT-L/14")
+        ModelConfig(clip_arch="ViT-H/14")
     with pytest.raises(ValueError, match="--stochastic_prior"):
         ModelConfig(stochastic_prior="gauss")
     m = tiny_model()

@@ -20,7 +20,8 @@ DS = os.path.join(REPO, "ds_configs")
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_global_batch_of_two_ranks_equals_one_rank(tmp_path, dropout):
     """2 ranks x b = 4 give the loss and gradients of 1 rank x b = 8 (fp32: loss to 1e-5, gradients to 1e-4
-    relative + 1e-5), support term included, also with the default dropout 0.3: each pair's mask is keyed by its
+    relative + 1e-5) and its weights after 3 SGD steps (to 1e-5), support term included, also with the default
+    dropout 0.3: each pair's mask is keyed by its
     global ids and the step, so the two ranks (with different global RNGs) and the two directions of the loss
     use the one mask that the single process uses."""
     from tmass.config import ModelConfig
@@ -46,6 +47,17 @@ def test_global_batch_of_two_ranks_equals_one_rank(tmp_path, dropout):
         assert abs(other["loss"].item() - out["loss"].item()) > 1e-4
     for n, p in model.named_parameters():
         torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    # the weights after 3 steps (SGD: Adam would magnify the rounding noise of the gradients that are 0 in exact
+    # arithmetic, such as the attention key biases', to a full step)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(3):
+        if step:
+            model.zero_grad()
+            model(inputs["ids"], inputs["mask"], inputs["video"], inputs["eps"],
+                  dropout_stream=(24, "dropout", 3 + step, 0))["loss"].backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got["weights"][n], p.detach(), rtol=1e-5, atol=1e-5, msg=n)
 
 
 def train_args(shards, out, *extra, config="cpu_fp32.json", steps=6):
