@@ -280,7 +280,7 @@ def test_eval_cli_errors(synthetic_shards, exported, tmp_path):
     p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", str(exported),
                         "--test_shards", str(synthetic_shards / "test-000000.tar"), "--input_res", "64"],
                        capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert p.returncode != 0 and "--input_res 64, but the model's image size is 32" in p.stderr
+    assert p.returncode != 0 and f"--input_res 64, but the model ({exported}) takes 32 x 32 frames" in p.stderr
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -60,7 +60,8 @@ def test_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m)
-    assert "tmass.checkpoint" in graph["tmass.evaluate"] or "tmass.checkpoint" in str(graph)  # the graph is real
+    assert "tmass.checkpoint" in graph["tmass.evaluate"]  # the graph is real: function-local imports included
+    assert "tmass.data.shardlist" in graph["tmass.data.tokenizer"]
 
 
 def test_launch_scripts_are_thin():

@@ -13,9 +13,9 @@ import torch
 import webdataset as wds
 
 from _media import make_clip, undecodable_clip
+from tmass.data.shardlist import expand_shards, manifest_counts, samples_per_epoch
 from tmass.data.stream import (DataConfig, EvalStream, SkipStats, StreamPosition, TooManyBadSamples,
-                               TrainStream, check_bad_fraction, expand_shards, make_loader, manifest_counts,
-                               reader_assignment, samples_per_epoch)
+                               TrainStream, check_bad_fraction, make_loader, reader_assignment)
 from tmass.data.tokenizer import load_tokenizer
 from tmass.data.transforms import crop_box, eval_transform, normalize, train_transform
 from tmass.data.video import DecodeError, decode_frames, frame_indices
@@ -211,7 +211,6 @@ def epoch_keys(root, urls, world, workers, micro, sampling="shuffled", buffer=8,
     """Every rank's batches of one epoch of ceil(N / B) global batches, as train() asks for them."""
     import math
 
-    from tmass.data.stream import manifest_counts
 
     n = sum(c["count"] for c in manifest_counts(urls).values())
     steps = math.ceil(n / (micro * world))

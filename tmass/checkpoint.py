@@ -30,8 +30,10 @@ import time
 
 import torch
 
+from . import dist
 from .config import Config, ModelConfig
-from .model.clip import build_clip, one_element_logit_scale
+from .files import write_json_atomic, write_text_atomic
+from .model.clip import build_clip
 from .model.io import CheckpointMismatch, export_hf, load_hf, load_state_strict, load_upstream
 from .model.tmass import TMASS
 
@@ -90,7 +92,7 @@ class RunLock:
         if not isinstance(held, dict):
             return None
         if held.get("host") == self.me["host"]:
-            alive = _pid_alive(held.get("pid"))
+            alive = isinstance(held.get("pid"), int) and dist.process_alive(held["pid"])
         elif held.get("job") and held.get("job") == self.me["job"]:
             alive = False
         else:
@@ -144,37 +146,7 @@ class RunLock:
         self._stop = None
 
 
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return True
-
-
 # ------------------------------------------------------------------------------------------- writing
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: str, obj) -> None:
-    """A JSON file that a crash cannot leave half-written."""
-    _atomic_write(path, json.dumps(obj, indent=1, sort_keys=True))
-
-
 def _fsync_tree(folder: str) -> None:
     for root, _, names in os.walk(folder):
         for name in names:
@@ -208,8 +180,6 @@ def check_files(folder: str, world: int) -> dict[str, int]:
 def save(engine, ckpt_dir: str, tag: str, client_state: dict, meta: dict, keep_last: int | None,
          latest: bool = True) -> None:
     """Save on every rank, then publish (see the module's docstring). A collective: every rank calls it."""
-    from . import dist
-
     partial = os.path.join(ckpt_dir, PARTIAL + tag)
     if dist.rank() == 0 and os.path.isdir(partial):  # left by a crash
         shutil.rmtree(partial)
@@ -233,7 +203,7 @@ def save(engine, ckpt_dir: str, tag: str, client_state: dict, meta: dict, keep_l
 def _publish(ckpt_dir: str, tag: str, partial: str, meta: dict, latest: bool) -> None:
     files = check_files(partial, meta["world"])
     _fsync_tree(partial)
-    write_json(os.path.join(partial, META), meta | {"files": files})
+    write_json_atomic(os.path.join(partial, META), meta | {"files": files})
     final = os.path.join(ckpt_dir, tag)
     old = None
     if os.path.exists(final):
@@ -244,7 +214,7 @@ def _publish(ckpt_dir: str, tag: str, partial: str, meta: dict, latest: bool) ->
     if old:
         shutil.rmtree(old, ignore_errors=True)
     if latest:
-        _atomic_write(os.path.join(ckpt_dir, "latest"), tag)
+        write_text_atomic(os.path.join(ckpt_dir, "latest"), tag)
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -338,7 +308,8 @@ def consolidated_state(path: str, tag: str | None = None) -> tuple[Config, dict,
     ckpt_dir = checkpoints_dir(path)
     run = os.path.dirname(os.path.abspath(ckpt_dir))
     if not os.path.exists(os.path.join(run, "config.json")):
-        raise NoCheckpoint(f"{path} is not a tmass run directory (no config.json beside checkpoints/)")
+        raise NoCheckpoint(f"{path} is neither a tmass run directory (config.json beside checkpoints/) nor an "
+                           f"export (tmass_config.json)")
     tag = model_tag(ckpt_dir, tag)
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     return run_config(run), state, run, read_meta(ckpt_dir, tag)
@@ -349,11 +320,10 @@ def load_from_run(path: str, tag: str | None = None) -> tuple[TMASS, dict]:
 
     cfg, state, run, meta = consolidated_state(path, tag)
     clip = build_clip(config=CLIPConfig.from_json_file(os.path.join(run, "clip_config.json")))
-    one_element_logit_scale(clip)
     model = TMASS(cfg.model, clip=clip)
     load_state_strict(model, state, path)
-    epochs = meta["step"] // meta["steps_per_epoch"] if meta.get("steps_per_epoch") else meta.get("epoch")
-    info = {"kind": "run", "run": run, "tag": meta["tag"], "step": meta["step"], "epoch": epochs,  # completed
+    info = {"kind": "run", "run": run, "tag": meta["tag"], "step": meta["step"],
+            "epoch": meta["step"] // meta["steps_per_epoch"],  # epochs completed
             "eval_settings": {k: getattr(cfg.eval, k) for k in EVAL_SETTINGS} | {"seed": cfg.data.seed}}
     return model, info
 
@@ -366,7 +336,7 @@ def export_checkpoint(path: str, out_dir: str, tag: str | None = None) -> str:
     run = info["run"]
     if os.path.isdir(os.path.join(run, "tokenizer")):
         shutil.copytree(os.path.join(run, "tokenizer"), os.path.join(out_dir, "tokenizer"), dirs_exist_ok=True)
-    write_json(os.path.join(out_dir, "tmass_source.json"), info)
+    write_json_atomic(os.path.join(out_dir, "tmass_source.json"), info)
     return out_dir
 
 
@@ -385,10 +355,6 @@ def load_model(cfg: ModelConfig, checkpoint: str | None, tag: str | None = None)
             pass
         return load_hf(checkpoint), info | {"checkpoint": checkpoint}
     if os.path.isdir(checkpoint):
-        if not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(checkpoints_dir(checkpoint))),
-                                           "config.json")):
-            raise NoCheckpoint(f"--checkpoint {checkpoint}: a folder that is neither a tmass run (config.json and "
-                               f"checkpoints/) nor an export (tmass_config.json)")
         model, info = load_from_run(checkpoint, tag)
         return model, info | {"checkpoint": checkpoint}
     if not os.path.isfile(checkpoint):

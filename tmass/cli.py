@@ -11,12 +11,9 @@ import sys
 import warnings
 
 from .config import EVAL, TRAIN, parse_config
+from .dist import env_rank
 
 QUIET_LOGGERS = ("DeepSpeed", "deepspeed", "torch.distributed.elastic")
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 class _DropMessages(logging.Filter):
@@ -65,12 +62,12 @@ def run_command(fn, argv: list[str] | None, prog: str, mode: str | None = None) 
         fn(parse_config(argv, prog=prog, mode=mode) if mode else argv)
     except SystemExit as e:
         if isinstance(e.code, str):
-            if _rank() == 0:
+            if env_rank() == 0:
                 print(e.code if e.code.startswith("error") else f"error: {e.code}", file=sys.stderr)
             return 2
         return e.code or 0
     except errors as e:
-        if _rank() == 0:
+        if env_rank() == 0:
             print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     return 0

@@ -205,6 +205,14 @@ class Config:
             raise SystemExit(f"error: {source} does not match the flags: {'; '.join(wrong)}. Drop those flags "
                              f"or pass the checkpoint's values.")
 
+    def follow_image_size(self, size: int, source: str) -> None:
+        """Frames come at the CLIP's image size: taken from it, unless --input_res is given, and then it must
+        agree."""
+        if "input_res" in self.explicit and self.data.input_res != size:
+            raise SystemExit(f"error: --input_res {self.data.input_res}, but {source} takes {size} x {size} frames; "
+                             f"drop --input_res or pass {size}")
+        self.data.input_res = size
+
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         return cls(**{name: SECTIONS[name](**d[name]) for name in SECTIONS}, preset=d.get("preset"))
@@ -341,14 +349,9 @@ def parse_config(argv: list[str] | None = None, prog: str = "tmass", mode: str =
     for name in UPSTREAM_ERRORS:
         args.pop(f"upstream_{name}", None)
     if mode != BOTH:
-        problems += [f"--{name} is required: {what}" for name, what in REQUIRED[mode].items() if name not in args]
         other = sorted(n for n in args if n in _owner and _field(n).metadata.get("use", BOTH) not in (BOTH, mode))
         if other:
             notes.append(f"{', '.join('--' + n for n in other)} (not used by {prog})")
-    if problems:
-        raise SystemExit(f"error: {prog}: " + "; ".join(problems))
-    if notes and os.environ.get("RANK", "0") == "0":
-        print(f"note: ignored: {'; '.join(notes)}", file=sys.stderr)
     base = {sec: {} for sec in SECTIONS}
     if "config" in args:
         with open(args.pop("config")) as f:
@@ -359,6 +362,13 @@ def parse_config(argv: list[str] | None = None, prog: str = "tmass", mode: str =
     for name, value in values.items():
         for sec in SHARED.get(name, (_owner[name],)):
             base.setdefault(sec, {})[name] = value
+    if mode != BOTH:  # after --config, which may carry them
+        problems += [f"--{name} is required: {what}" for name, what in REQUIRED[mode].items()
+                     if base.get(_owner[name], {}).get(name) is None]
+    if problems:
+        raise SystemExit(f"error: {prog}: " + "; ".join(problems))
+    if notes and os.environ.get("RANK", "0") == "0":
+        print(f"note: ignored: {'; '.join(notes)}", file=sys.stderr)
     try:
         return Config(**{sec: cls(**base.get(sec, {})) for sec, cls in SECTIONS.items()}, preset=preset,
                       explicit=frozenset(args))

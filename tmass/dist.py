@@ -58,6 +58,11 @@ def env_from_slurm(env: dict | None = None) -> dict:
     return mapped
 
 
+def env_rank() -> int:
+    """This process's global rank before any process group starts (the launcher's RANK, or srun's)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def init(timeout_minutes: int = 30) -> DistInfo:
     """Start (or join) the process group and return this process's rank, world size and device."""
     env_from_slurm()
@@ -101,7 +106,7 @@ def _parent_of(pid: int) -> int:
         return 0
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """A process that exists and is not a zombie (a killed launcher stays a zombie until it is reaped)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -145,7 +150,7 @@ def exit_with_launcher(sig: int = 15, every: float = 2.0) -> list[int]:
     def watch() -> None:
         while True:
             time.sleep(every)
-            gone = os.getppid() != parent or not all(_alive(p) for p in chain)
+            gone = os.getppid() != parent or not all(process_alive(p) for p in chain)
             if gone:
                 os.kill(os.getpid(), signal.Signals(sig))
                 return

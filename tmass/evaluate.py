@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from . import dist
 from .config import EvalConfig
 from .data.transforms import normalize
+from .files import write_json_atomic
 from .metrics import best_caption_scores, metrics_from_ranks, t2v_ranks
 from .model.pooling import VideoSide
 from .model.stochastic import all_cosines, counter_noise, inverse_norms, keyed_noise, noise_table, row_keys
@@ -470,7 +470,9 @@ def adopt_eval_settings(cfg, info: dict) -> list[str]:
 
 
 def check_test_shards(urls: list[str]) -> None:
-    missing = [u for u in urls if not u.startswith("pipe:") and "://" not in u and not os.path.isfile(u)]
+    from .data.shardlist import missing_shards
+
+    missing = missing_shards(urls)
     if missing:
         raise SystemExit(f"error: {len(missing)} of {len(urls)} test shard(s) missing, e.g. {missing[0]}; a "
                          f"subset would give other numbers: fix --test_shards")
@@ -479,24 +481,21 @@ def check_test_shards(urls: list[str]) -> None:
 def check_skipped(skipped: dict, limit: float) -> None:
     """Scoring a subset of the test set silently is wrong: an unreadable shard, or more skipped samples than
     --max_bad_fraction allows, is an error."""
-    from .data.stream import TooManyBadSamples, check_bad_fraction
+    from .data.stream import UNREADABLE, TooManyBadSamples, check_bad_fraction
 
-    unreadable = {r: n for r, n in skipped.get("reasons", {}).items() if r.startswith("unreadable shard")}
+    unreadable = {r: n for r, n in skipped.get("reasons", {}).items() if r.startswith(UNREADABLE)}
     if unreadable:
         shards = ", ".join(sorted(skipped.get("shards", {}))[:5])
         raise TooManyBadSamples(f"test shard(s) could not be read to the end ({', '.join(unreadable)}): {shards}; "
                                 f"rebuild them with shards/build.py")
-    check_bad_fraction({"seen": skipped["seen"], "reasons": Counter(skipped.get("reasons", {})),
-                        "shards": Counter(skipped.get("shards", {}))}, limit, min_seen=1)
+    check_bad_fraction(skipped, limit, min_seen=1)
 
 
 def run(cfg) -> dict:
     """`launch/eval.py`: load the model, stream the test shards over all ranks, evaluate, report."""
-    from .checkpoint import load_model
     from .config import Config
     from .data.shardlist import expand_shards
     from .data.stream import EvalStream, make_loader
-    from .data.tokenizer import load_tokenizer, resolve_tokenizer
 
     assert isinstance(cfg, Config)
     if not cfg.eval.test_shards:
@@ -512,6 +511,24 @@ def run(cfg) -> dict:
         except FileNotFoundError as e:
             raise SystemExit(f"error: {e}") from None
     info = dist.init()
+    model, source = model_for(cfg, path, tag, info)
+    stream = EvalStream(urls, cfg.data, tokenizer_for(cfg, path), cfg.eval.eval_batch_size, rank=info.rank,
+                        world=info.world)
+    results = evaluate(model, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.data.seed, info.device,
+                       max_bad_fraction=cfg.data.max_bad_fraction, progress=info.is_main)
+    results["model"] = {k: v for k, v in source.items() if k != "eval_settings"}
+    results["checkpoint"] = path
+    results["test_shards"] = cfg.eval.test_shards
+    if info.is_main:
+        report(cfg, results, cfg.eval.results or default_results_path(path))
+    return results
+
+
+def model_for(cfg, path: str | None, tag: str | None, info) -> tuple:
+    """The model on this rank's device and what it is; the flags that follow it (frames, image size, the run's
+    validation settings unless given, the baseline's deterministic text) are set in `cfg`."""
+    from .checkpoint import load_model
+
     model, source = load_model(cfg.model, path, tag)
     model = model.to(info.device)
     cfg.check_model(model.cfg, path or "the random model")
@@ -521,36 +538,32 @@ def run(cfg) -> dict:
               f"(give a flag to override)", file=sys.stderr)
     cfg.eval.deterministic_text |= model.cfg.deterministic_text  # a baseline trained without the mass
     cfg.data.num_frames = model.cfg.num_frames
-    res = model.clip.config.vision_config.image_size  # the frames must come at the model's resolution
-    if "input_res" in cfg.explicit and cfg.data.input_res != res:
-        raise SystemExit(f"error: --input_res {cfg.data.input_res}, but the model's image size is {res}; "
-                         f"drop --input_res (it is taken from the model)")
-    cfg.data.input_res = res
-    own = os.path.join(path or "", "tokenizer")  # an exported dir or a run dir carries its own
-    tok = load_tokenizer(cfg.eval.tokenizer or (own if path and os.path.isdir(own) else
-                                                resolve_tokenizer(None, cfg.model.clip_path, cfg.eval.test_shards)))
-    stream = EvalStream(urls, cfg.data, tok, cfg.eval.eval_batch_size, rank=info.rank, world=info.world)
-    results = evaluate(model, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.data.seed, info.device,
-                       max_bad_fraction=cfg.data.max_bad_fraction, progress=info.is_main)
-    results["model"] = {k: v for k, v in source.items() if k != "eval_settings"} | {"checkpoint": path}
-    results["checkpoint"] = path
-    results["test_shards"] = cfg.eval.test_shards
-    if info.is_main:
-        out = cfg.eval.results or default_results_path(path)
-        from .checkpoint import write_json
+    cfg.follow_image_size(model.clip.config.vision_config.image_size, f"the model ({path or 'random weights'})")
+    return model, source
 
-        write_json(out, results)
-        if cfg.eval.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
 
-            with SummaryWriter(cfg.eval.tensorboard_dir) as tb:
-                for d in ("t2v", "v2t"):
-                    for k, v in results[d].items():
-                        tb.add_scalar(f"test/{d}_{k}", v, 0)
-                tb.add_text("test/results", json.dumps(results, indent=1))
-        print(format_table(results))
-        print(f"results: {out}")
-    return results
+def tokenizer_for(cfg, path: str | None):
+    """--tokenizer; else the one a run or export directory carries; else --clip_path's or the shards'."""
+    from .data.tokenizer import load_tokenizer, resolve_tokenizer
+
+    own = os.path.join(path or "", "tokenizer")
+    return load_tokenizer(cfg.eval.tokenizer or (own if path and os.path.isdir(own) else
+                                                 resolve_tokenizer(None, cfg.model.clip_path, cfg.eval.test_shards)))
+
+
+def report(cfg, results: dict, out: str) -> None:
+    """Rank 0: the results JSON, TensorBoard (--tensorboard_dir), the table."""
+    write_json_atomic(out, results)
+    if cfg.eval.tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(cfg.eval.tensorboard_dir) as tb:
+            for d in ("t2v", "v2t"):
+                for k, v in results[d].items():
+                    tb.add_scalar(f"test/{d}_{k}", v, 0)
+            tb.add_text("test/results", json.dumps(results, indent=1))
+    print(format_table(results))
+    print(f"results: {out}")
 
 
 def default_results_path(checkpoint: str | None) -> str:

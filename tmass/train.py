@@ -30,10 +30,11 @@ from . import checkpoint as ckpt
 from . import dist
 from . import engine as eng
 from .config import Config, ModelConfig
-from .data.shardlist import expand_shards, samples_per_epoch
+from .data.shardlist import expand_shards, missing_shards, samples_per_epoch
 from .data.stream import (SkipStats, StreamPosition, TrainStream, EvalStream, check_bad_fraction, make_loader)
 from .data.tokenizer import load_tokenizer, resolve_tokenizer
 from .data.transforms import normalize
+from .files import write_json_atomic
 from .logs import Meter, RunLog
 from .model.clip import clip_config
 from .model.stochastic import keyed_noise
@@ -59,28 +60,16 @@ def model_image_size(cfg: ModelConfig) -> int:
     return clip_config(cfg.clip_arch).vision_config.image_size
 
 
-def check_input_res(cfg: Config) -> None:
-    """Frames come at the CLIP's resolution: taken from the model unless --input_res is given, and then it must
-    agree."""
-    size = model_image_size(cfg.model)
-    if "input_res" in cfg.explicit and cfg.data.input_res != size:
-        what = cfg.model.clip_path or f"--clip_arch {cfg.model.clip_arch}"
-        raise SystemExit(f"error: --input_res {cfg.data.input_res}, but the CLIP ({what}) takes {size} x {size} "
-                         f"frames; drop --input_res or pass {size}")
-    cfg.data.input_res = size
-
-
 def check_inputs(cfg: Config) -> list[str]:
     if not cfg.train.train_shards:
         raise SystemExit("error: --train_shards is required (build shards with shards/build.py)")
     urls = expand_shards(cfg.train.train_shards)
-    missing = [u for u in urls if not u.startswith("pipe:") and "://" not in u and not os.path.exists(u)]
+    missing = missing_shards(urls)
     if missing:
         raise SystemExit(f"error: {len(missing)} train shard(s) missing, e.g. {missing[0]}")
-    if cfg.train.val_shards:
-        for u in expand_shards(cfg.train.val_shards):
-            if not u.startswith("pipe:") and not os.path.exists(u):
-                raise SystemExit(f"error: val shard missing: {u}")
+    missing = missing_shards(expand_shards(cfg.train.val_shards)) if cfg.train.val_shards else []
+    if missing:
+        raise SystemExit(f"error: val shard missing: {missing[0]}")
     return urls
 
 
@@ -136,7 +125,7 @@ def check_resume(cfg: Config, out: str, world: int) -> str | None:
     if cfg.train.max_steps and cfg.train.max_steps < meta["step"]:
         raise SystemExit(f"error: --max_steps {cfg.train.max_steps}, but {out} has already reached step "
                          f"{meta['step']}; raise --max_steps, or evaluate the run as it is")
-    if changes and os.environ.get("RANK", "0") == "0":
+    if changes and dist.env_rank() == 0:
         print(f"warning: resuming {out} with changed settings (--allow_config_change): {'; '.join(changes)}",
               file=sys.stderr)
     return tag
@@ -187,11 +176,12 @@ def train(cfg: Config) -> dict:
     run directory's lock while it trains; every rank stops (with a checkpoint) when its launcher dies."""
     ds_config = eng.prepare_ds_config(cfg, eng.world_size_from_env(), torch.cuda.is_available())
     urls = check_inputs(cfg)
-    check_input_res(cfg)
+    cfg.follow_image_size(model_image_size(cfg.model),
+                          f"the CLIP ({cfg.model.clip_path or '--clip_arch ' + cfg.model.clip_arch})")
     out = ckpt.run_dir(cfg.train.output_dir, cfg.train.exp_name)
     resume_from = check_resume(cfg, out, eng.world_size_from_env())
     lock = None
-    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+    if dist.env_rank() == 0:
         try:
             lock = ckpt.RunLock(out).acquire()
         except ckpt.RunLocked as e:
@@ -224,6 +214,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.train.num_epochs
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.eval_every = max(1, self.steps_per_epoch // cfg.train.evals_per_epoch)  # validations inside an epoch
         torch.manual_seed(cfg.data.seed)  # the same initial weights everywhere (DeepSpeed broadcasts rank 0's too)
         model = eng.build_model(cfg.model, self.tokenizer)
         if self.rank == 0 and (resume_from is None or cfg.train.allow_config_change):
@@ -247,7 +238,7 @@ class Trainer:
 
     def _write_run_files(self, model) -> None:
         os.makedirs(self.out, exist_ok=True)
-        ckpt.write_json(os.path.join(self.out, "config.json"), self.cfg.to_dict())
+        write_json_atomic(os.path.join(self.out, "config.json"), self.cfg.to_dict())
         model.clip.config.to_json_file(os.path.join(self.out, "clip_config.json"))
         self.tokenizer.save_pretrained(os.path.join(self.out, "tokenizer"))
 
@@ -264,7 +255,7 @@ class Trainer:
         _set_rng_state(client["rng"][self.rank])
 
     def meta(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "steps_per_epoch": self.steps_per_epoch}
+        return {"step": self.step, "steps_per_epoch": self.steps_per_epoch}  # epochs done = step // steps_per_epoch
 
     def checkpoint(self) -> None:
         if self.done["saved"] != self.step:
@@ -303,8 +294,7 @@ class Trainer:
             self.log_step()
         if step % tr.save_every_steps == 0:
             self.checkpoint()
-        eval_every = max(1, self.steps_per_epoch // max(1, tr.evals_per_epoch))
-        if step % eval_every == 0 and step % self.steps_per_epoch != 0:
+        if step % self.eval_every == 0 and step % self.steps_per_epoch != 0:
             self.validate()
         if dist.all_max(torch.tensor([1 if self.signals["signal"] else 0], device=self.device)).item():
             return "signal"
@@ -364,7 +354,7 @@ class Trainer:
                    "run_dir": self.out, "checkpoints": self.ckpt_dir, "tensorboard": os.path.join(self.out, "tb"),
                    "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
         if self.rank == 0:
-            ckpt.write_json(os.path.join(self.out, "summary.json"), summary)
+            write_json_atomic(os.path.join(self.out, "summary.json"), summary)
         self.log.close()
         if self.samples_log:
             self.samples_log.close()
@@ -392,7 +382,7 @@ class Trainer:
             self.best = {"t2v_R@1": results["t2v"]["R@1"], "step": self.step, "results": results}
             ckpt.save(self.engine, self.ckpt_dir, "best", self.state_dict(), self.meta(), None, latest=False)
             if self.rank == 0:
-                ckpt.write_json(os.path.join(self.out, "best.json"), self.best)
+                write_json_atomic(os.path.join(self.out, "best.json"), self.best)
         self.log.line(f"step {self.step} val t2v R@1 {results['t2v']['R@1']:.2f} R@5 {results['t2v']['R@5']:.2f} "
                       f"v2t R@1 {results['v2t']['R@1']:.2f} (best {self.best['t2v_R@1']:.2f} at step "
                       f"{self.best['step']})")

@@ -15,6 +15,11 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     return urls
 
 
+def missing_shards(urls: list[str]) -> list[str]:
+    """The local shards of `urls` that do not exist (`pipe:` commands and remote URLs are not checked)."""
+    return [u for u in urls if not u.startswith("pipe:") and "://" not in u and not os.path.isfile(u)]
+
+
 def manifest_counts(urls: list[str]) -> dict[str, dict]:
     """url -> {"count": videos, "captions": captions} from the builder's manifests beside local shards."""
     out: dict[str, dict] = {}

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
 from ..shards.format import VIDEO_EXTS as VIDEO_KEYS  # the fields a builder may have stored a video under
-from .shardlist import expand_shards, manifest_counts, samples_per_epoch  # noqa: F401 (the streams' inputs)
+from .shardlist import manifest_counts
 from .tokenizer import tokenize, trim
 from .transforms import eval_transform, train_transform
 from .video import DecodeError, TimedDecoder, decode_frames
@@ -101,16 +101,21 @@ def _warn_limited(message: str, every: float = 30.0) -> None:
         _last_warning[1] += 1
 
 
+UNREADABLE = "unreadable shard"  # the skip reason of a shard that cannot be read to its end
+
+
 class TooManyBadSamples(RuntimeError):
     pass
 
 
 def check_bad_fraction(total: dict, limit: float, min_seen: int = 100) -> None:
-    """Stop a run whose skip rate passes `limit`, naming the worst shards."""
-    bad = sum(total["reasons"].values())
+    """Stop a run whose skip rate passes `limit`, naming the worst shards. `total`: seen, and the skips by
+    reason and by shard (Counters or plain dicts)."""
+    reasons, shards = Counter(total.get("reasons", {})), Counter(total.get("shards", {}))
+    bad = sum(reasons.values())
     if total["seen"] >= min_seen and bad > limit * total["seen"]:
-        worst = ", ".join(f"{u} ({n})" for u, n in total["shards"].most_common(5))
-        why = ", ".join(f"{r}: {n}" for r, n in total["reasons"].most_common())
+        worst = ", ".join(f"{u} ({n})" for u, n in shards.most_common(5))
+        why = ", ".join(f"{r}: {n}" for r, n in reasons.most_common())
         raise TooManyBadSamples(f"{bad} of {total['seen']} samples were skipped ({why}), more than "
                                 f"--max_bad_fraction {limit:g}. Worst shards: {worst}. Rebuild them with "
                                 f"shards/build.py, or raise --max_bad_fraction.")
@@ -154,7 +159,7 @@ def read_samples(urls: list[str], assignments: Iterator[tuple[int, int, int]], s
     def handler_for(url: str):
         def handler(exn: Exception) -> bool:
             stats.seen += 1
-            stats.skip(f"unreadable shard ({type(exn).__name__})", url)
+            stats.skip(f"{UNREADABLE} ({type(exn).__name__})", url)
             if guard:
                 guard.bad()
             return True

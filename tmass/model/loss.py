@@ -65,11 +65,13 @@ def tmass_loss(pool: TextConditionedPool, radius: Callable, logit_scale: torch.T
     b, rows = t_loc.shape[0], slice(offset, offset + t_loc.shape[0])
     r_all = radius(paired_cosines(t_all, f_all))  # [B, D], each text's radius from its own video
     q_all, side_all = pool.text_side(t_all), pool.video_side(f_all)  # each half of the pooling once per pair
-    every, local = torch.arange(t_all.shape[0], device=t_all.device), torch.arange(rows.start, rows.stop,
-                                                                                   device=t_all.device)
-    key = (lambda v, t: None) if dropout_stream is None else (lambda v, t: (dropout_stream, v, t))
-    v_rows = pool.pool(q_all[rows], side_all, dropout_key=key(every, local))  # [B, b, D]: all videos, local texts
-    v_cols = v_rows if single else pool.pool(q_all, side_all[rows], dropout_key=key(local, every))  # [b, B, D]
+    key_rows = key_cols = None  # the dropout masks' pairs, by their global (video, text) ids
+    if dropout_stream is not None:
+        every = torch.arange(t_all.shape[0], device=t_all.device)
+        local = every[rows]
+        key_rows, key_cols = (dropout_stream, every, local), (dropout_stream, local, every)
+    v_rows = pool.pool(q_all[rows], side_all, dropout_key=key_rows)  # [B, b, D]: all videos, local texts
+    v_cols = v_rows if single else pool.pool(q_all, side_all[rows], dropout_key=key_cols)  # [b, B, D]
 
     positives = None if video_ids is None else video_ids[rows, None] == video_ids[None, :]  # [b, B], symmetric
 

@@ -18,9 +18,10 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import webdataset as wds
+
+from ..files import write_json_atomic
 
 
 class BuildStateError(Exception):
@@ -32,15 +33,6 @@ def _fsync_append(path: str, record: dict) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
