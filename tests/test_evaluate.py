@@ -11,10 +11,12 @@ import torch
 
 import _reference as ref
 from conftest import REPO
+from tmass.errors import TmassError
 from tmass.config import EvalConfig, ModelConfig
-from tmass.evaluate import Encoded, own_caption_pooled, rank_all, score_rows
+from tmass.evaluate import Encoded, rank_all
+from tmass.model.scoring import own_caption_pooled, score_rows
 from tmass.metrics import best_caption_scores, metrics_from_ranks, t2v_ranks
-from tmass.model.stochastic import counter_noise, keyed_noise, noise_table, row_keys
+from tmass.model.noise import counter_noise, keyed_noise, noise_table, row_keys
 from tmass.model.tmass import TMASS
 
 D, F = 32, 4
@@ -36,6 +38,14 @@ def random_set(n_t=7, n_v=4, seed=0):
                    [f"v{i}" for i in range(n_v)], {})
 
 
+def scores_of(model, enc, rows, cfg, seed, *args, **kw):
+    return score_rows(model, enc.text, enc.frames, rows, cfg, seed, *args, **kw)
+
+
+def own_of(model, enc):
+    return own_caption_pooled(model, enc.text, enc.frames, enc.text_video)
+
+
 def head_state(model):
     sd = {f"pool_frames.{k}": v.double() for k, v in model.pool_frames.state_dict().items()}
     return sd | {f"radius.{k}": v.double() for k, v in model.radius.state_dict().items()}
@@ -47,7 +57,7 @@ def test_scores_against_a_triple_loop(noise, prior):
     model = tiny(stochastic_prior=prior, stochastic_prior_std=0.5)
     enc, M, seed = random_set(), 5, 24
     cfg = EvalConfig(stochastic_trials=M, trial_noise=noise, eval_chunk=6)  # chunks of 2 texts x 3 videos
-    got = score_rows(model, enc, torch.arange(7), cfg, seed)
+    got = scores_of(model, enc, torch.arange(7), cfg, seed)
     sd = head_state(model)
     for j in range(7):
         for i in range(4):
@@ -62,7 +72,7 @@ def test_scores_against_a_triple_loop(noise, prior):
 
 def test_deterministic_text_scores():
     model, enc = tiny(), random_set()
-    got = score_rows(model, enc, torch.arange(7), EvalConfig(deterministic_text=True), 24)
+    got = scores_of(model, enc, torch.arange(7), EvalConfig(deterministic_text=True), 24)
     sd = head_state(model)
     for j in range(7):
         for i in range(4):
@@ -73,11 +83,11 @@ def test_deterministic_text_scores():
 def test_scores_do_not_depend_on_chunks_or_row_blocks():
     model, enc = tiny(), random_set()
     for noise in ("per_text", "per_pair"):
-        whole = score_rows(model, enc, torch.arange(7), EvalConfig(stochastic_trials=6, trial_noise=noise,
+        whole = scores_of(model, enc, torch.arange(7), EvalConfig(stochastic_trials=6, trial_noise=noise,
                                                                    eval_chunk=10**6), 24)
         for chunk in (1, 5, 12):
             cfg = EvalConfig(stochastic_trials=6, trial_noise=noise, eval_chunk=chunk)
-            parts = torch.cat([score_rows(model, enc, torch.arange(a, b), cfg, 24) for a, b in ((0, 3), (3, 7))])
+            parts = torch.cat([scores_of(model, enc, torch.arange(a, b), cfg, 24) for a, b in ((0, 3), (3, 7))])
             torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
 
 
@@ -91,30 +101,30 @@ def test_compiled_per_pair_scorer_matches_the_checked_eager_one(prior):
     enc = Encoded(torch.randn(n_t, D, generator=g), torch.randn(n_v, F, D, generator=g), torch.arange(n_t) % n_v,
                   [f"v{i}" for i in range(n_v)], {})
     kw = dict(stochastic_trials=5, trial_noise="per_pair", eval_chunk=40)  # compiled: 6 x 6 chunks, padded
-    eager = score_rows(model, enc, torch.arange(n_t), EvalConfig(eval_compile="no", **kw), 24)
+    eager = scores_of(model, enc, torch.arange(n_t), EvalConfig(eval_compile="no", **kw), 24)
     timings = {}
-    compiled = score_rows(model, enc, torch.arange(n_t), EvalConfig(eval_compile="yes", **kw), 24, timings=timings)
+    compiled = scores_of(model, enc, torch.arange(n_t), EvalConfig(eval_compile="yes", **kw), 24, timings=timings)
     assert timings["compiled"] is True
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=2e-6)
     assert not torch.allclose(compiled[:, :-1], compiled[:, 1:])  # not a constant that would match by chance
 
 
 def test_a_failing_compile_falls_back_or_stops_with_the_fix(monkeypatch, capsys):
-    import tmass.evaluate as ev
+    import tmass.model.scoring as ev
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
-    monkeypatch.setitem(ev._compiled, "best_trial", broken)
+    monkeypatch.setitem(ev._compiled, "per_pair_best", broken)
     model, enc = tiny(), random_set()
     kw = dict(stochastic_trials=4, trial_noise="per_pair")
-    eager = score_rows(model, enc, torch.arange(7), EvalConfig(eval_compile="no", **kw), 24)
+    eager = scores_of(model, enc, torch.arange(7), EvalConfig(eval_compile="no", **kw), 24)
     monkeypatch.setattr(ev, "AUTO_COMPILE_PAIRS", 1)  # auto: compile this tiny set, and fall back
     timings = {}
-    got = score_rows(model, enc, torch.arange(7), EvalConfig(eval_compile="auto", **kw), 24, timings=timings)
+    got = scores_of(model, enc, torch.arange(7), EvalConfig(eval_compile="auto", **kw), 24, timings=timings)
     assert torch.equal(got, eager) and timings["compiled"] is False
     assert "torch.compile failed (RuntimeError)" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="install a C.. compiler .g... for CPU runs, or pass --eval_compile no"):
-        score_rows(model, enc, torch.arange(7), EvalConfig(eval_compile="yes", **kw), 24)
+    with pytest.raises(TmassError, match="install a C.. compiler .g... for CPU runs, or pass --eval_compile no"):
+        scores_of(model, enc, torch.arange(7), EvalConfig(eval_compile="yes", **kw), 24)
 
 
 def test_metrics_against_hand_made_ranks_with_ties_and_several_captions():
@@ -152,14 +162,14 @@ def test_upstream_protocol_shows_the_leak_and_refuses_multi_caption_sets():
             with torch.no_grad():
                 model.pool_frames.cross_attn.q_proj.weight.zero_()
                 model.pool_frames.cross_attn.q_proj.bias.zero_()
-        free = score_rows(model, enc, torch.arange(n), cfg, 24)
-        leaky = score_rows(model, enc, torch.arange(n), cfg, 24, own_caption_pooled(model, enc))
+        free = scores_of(model, enc, torch.arange(n), cfg, 24)
+        leaky = scores_of(model, enc, torch.arange(n), cfg, 24, own_of(model, enc))
         results[name] = (metrics_from_ranks(t2v_ranks(free, torch.arange(n))),
                          metrics_from_ranks(t2v_ranks(leaky, torch.arange(n))), free, leaky)
     model = tiny()
     sd = head_state(model)
     big = Encoded(torch.randn(70, D, generator=g), torch.randn(70, F, D, generator=g), torch.arange(70), [], {})
-    own = own_caption_pooled(model, big)  # two blocks of videos: 64 and 6
+    own = own_of(model, big)  # two blocks of videos: 64 and 6
     for i in (0, 1, 63, 64, 69):  # psi(v_i | t_i) / |psi|, float64 loop
         expected = ref.pool_one(big.text[i].double(), big.frames[i].double(), sd)
         torch.testing.assert_close(own[i].double(), expected / expected.norm(), rtol=1e-4, atol=1e-5)
@@ -168,7 +178,7 @@ def test_upstream_protocol_shows_the_leak_and_refuses_multi_caption_sets():
     _, _, free_b, leaky_b = results["text-blind"]
     torch.testing.assert_close(free_b, leaky_b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="N_t = 7 texts for N_v = 4"):
-        own_caption_pooled(tiny(), random_set())
+        own_of(tiny(), random_set())
 
 
 @pytest.mark.parametrize("n", [1, 2, 19, 20, 1000])
@@ -326,12 +336,12 @@ def test_eval_refuses_what_it_cannot_score_honestly(synthetic_shards, exported, 
     monkeypatch.chdir(work)
     test = ["--test_shards", str(synthetic_shards / "test-{000000..000001}.tar"), "--num_workers", "0",
             "--input_res", "32", "--stochastic_trials", "2"]
-    with pytest.raises(SystemExit, match="no trained weights to evaluate.*--random_init"):
+    with pytest.raises(TmassError, match="no trained weights to evaluate.*--random_init"):
         run(parse_config(test + ["--exp_name", "X", "--DSL"]))
-    with pytest.raises(SystemExit, match="--load_epoch -1: no tmass run at"):
+    with pytest.raises(TmassError, match="--load_epoch -1: no tmass run at"):
         run(parse_config(test + ["--exp_name", "X", "--load_epoch", "-1", "--output_dir", str(work)]))
     assert os.listdir(work) == []  # nothing scored, nothing written
-    with pytest.raises(SystemExit, match="1 of 3 test shard.s. missing, e.g. .*test-000002.tar"):
+    with pytest.raises(TmassError, match="1 of 3 test shard.s. missing, e.g. .*test-000002.tar"):
         run(parse_config(["--test_shards", str(synthetic_shards / "test-{000000..000002}.tar"),
                           "--checkpoint", str(exported)]))
     random = run(parse_config(test + ["--random_init", "--clip_arch", "tiny", "--num_frames", "4"]))

@@ -9,8 +9,8 @@ from tmass.config import ModelConfig
 from tmass.model.loss import tmass_loss
 from tmass.model.clip import clip_config, frame_features, text_features
 from tmass.model.pooling import TextConditionedPool
-from tmass.model.stochastic import (SimilarityRadius, all_cosines, counter_noise, keyed_noise, mix32,
-                                    noise_table, paired_cosines, row_keys, salt, stochastic_text, support_text, words)
+from tmass.model.noise import counter_noise, keyed_noise, mix32, noise_table, row_keys, salt, words
+from tmass.model.stochastic import SimilarityRadius, all_cosines, paired_cosines, stochastic_text, support_text
 from tmass.model.tmass import TMASS
 
 D, F = 8, 4
@@ -82,7 +82,7 @@ def test_keyed_dropout_mask_per_pair_against_the_loop():
     """dropout_key: pair (i, j)'s mask is a function of its global ids and the stream alone. The pooled values
     equal the float64 loop with that mask; a block of pairs pooled alone (as another rank pools it) gets the
     same values; about 1 - p of the mask is kept; another step's stream gives another mask."""
-    from tmass.model.stochastic import pair_dropout_mask
+    from tmass.model.noise import pair_dropout_mask
 
     pool = perturbed(TextConditionedPool(D, dropout=0.3)).double().train()
     t, f = rand(3, D, seed=1), rand(5, F, D, seed=2)

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from _procs import clean_env, free_port
 from conftest import REPO
+from tmass.errors import TmassError
 
 DS = os.path.join(REPO, "ds_configs")
 
@@ -341,15 +342,15 @@ def test_a_run_keeps_its_evaluation_settings_and_refuses_a_changed_relaunch(synt
     assert json.loads((tmp_path / "run" / "eval_results.json").read_text())["model"]["step"] == 5
     best = evaluate_run(parse_config(test + ["--load_epoch", "-1", "--stochastic_trials", "5"]))
     assert best["model"]["tag"] == "best" and best["model"]["step"] == best_step and best["trials"] == 5
-    with pytest.raises(SystemExit, match="no checkpoint of the end of epoch 3 was kept .epochs kept: 1, 2"):
+    with pytest.raises(TmassError, match="no checkpoint of the end of epoch 3 was kept .epochs kept: 1, 2"):
         evaluate_run(parse_config(test + ["--load_epoch", "3"]))
     config_before = (tmp_path / "run" / "config.json").read_text()
     for change, shown in ((["--batch_size", "8"], "--batch_size 4 -> 8"), (["--noclip_lr", "0.5"], "--noclip_lr"),
                           (["--seed", "8"], "--seed 7 -> 8")):
-        with pytest.raises(SystemExit, match=f"these settings differ .*{shown}.*--allow_config_change"):
+        with pytest.raises(TmassError, match=f"these settings differ .*{shown}.*--allow_config_change"):
             train(parse_config(base + change))
     assert (tmp_path / "run" / "config.json").read_text() == config_before
-    with pytest.raises(SystemExit, match="--max_steps 3, but .* has already reached step 10"):
+    with pytest.raises(TmassError, match="--max_steps 3, but .* has already reached step 10"):
         train(parse_config(base + ["--max_steps", "3", "--allow_config_change"]))
     again = train(parse_config(base + ["--log_step", "5"]))  # a setting that may change: the finished run resumes
     assert again["step"] == 10
@@ -395,7 +396,7 @@ def test_a_second_launch_on_a_live_run_is_refused_and_a_stale_lock_is_taken_over
     holder = subprocess.Popen(["sleep", "60"])
     try:
         lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "job": None}))
-        with pytest.raises(SystemExit, match=f"is in use by pid {holder.pid} on {socket.gethostname()}"):
+        with pytest.raises(TmassError, match=f"is in use by pid {holder.pid} on {socket.gethostname()}"):
             train(parse_config(train_args(synthetic_shards, tmp_path, steps=1)))
     finally:
         holder.kill()
@@ -411,7 +412,7 @@ def test_a_second_launch_on_a_live_run_is_refused_and_a_stale_lock_is_taken_over
     finally:
         del os.environ["SLURM_JOB_ID"]
     lock.write_text(json.dumps({"host": "another-node", "pid": 1, "job": "77"}))  # a live job elsewhere
-    with pytest.raises(SystemExit, match="in use by pid 1 on another-node .SLURM job 77."):
+    with pytest.raises(TmassError, match="in use by pid 1 on another-node .SLURM job 77."):
         train(parse_config(train_args(synthetic_shards, tmp_path, "--allow_config_change", steps=3)))
 
 

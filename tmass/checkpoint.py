@@ -32,6 +32,7 @@ import torch
 
 from . import dist
 from .config import Config, ModelConfig
+from .errors import DataError
 from .files import write_json_atomic, write_text_atomic
 from .model.clip import build_clip
 from .model.io import CheckpointMismatch, export_hf, load_hf, load_state_strict, load_upstream
@@ -45,7 +46,7 @@ PARTIAL = ".partial-"
 EVAL_SETTINGS = ("stochastic_trials", "trial_noise", "eval_protocol", "dsl", "deterministic_text")
 
 
-class NoCheckpoint(FileNotFoundError):
+class NoCheckpoint(DataError, FileNotFoundError):
     """The run directory has no complete checkpoint of the kind asked for."""
 
 
@@ -65,7 +66,7 @@ def is_run_dir(path: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- the run lock
-class RunLocked(RuntimeError):
+class RunLocked(DataError, RuntimeError):
     """Another live job trains in this run directory."""
 
 

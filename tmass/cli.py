@@ -12,6 +12,7 @@ import warnings
 
 from .config import EVAL, TRAIN, parse_config
 from .dist import env_rank
+from .errors import TmassError
 
 QUIET_LOGGERS = ("DeepSpeed", "deepspeed", "torch.distributed.elastic")
 
@@ -37,14 +38,6 @@ def quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import NoCheckpoint, RunLocked
-    from .data.stream import TooManyBadSamples
-    from .model.io import CheckpointMismatch
-
-    return CheckpointMismatch, NoCheckpoint, RunLocked, TooManyBadSamples
-
-
 def _one_line(e: BaseException) -> str:
     """The message of an error raised in a loader worker ends with the original exception's line."""
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
@@ -55,21 +48,18 @@ def _one_line(e: BaseException) -> str:
 
 
 def run_command(fn, argv: list[str] | None, prog: str, mode: str | None = None) -> int:
+    """Parse, run, and turn the library's TmassError (tmass/errors.py) into one line on rank 0 and its exit
+    code; --help exits 0 through argparse."""
     argv = sys.argv[1:] if argv is None else argv
     quiet_libraries("--verbose" in argv)
-    errors = _user_errors()
     try:
         fn(parse_config(argv, prog=prog, mode=mode) if mode else argv)
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            if env_rank() == 0:
-                print(e.code if e.code.startswith("error") else f"error: {e.code}", file=sys.stderr)
-            return 2
-        return e.code or 0
-    except errors as e:
+    except TmassError as e:
         if env_rank() == 0:
             print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
+        return e.exit_code
+    except SystemExit as e:  # argparse: --help (0), or a usage error of tmass-export's own parser (2)
+        return e.code if isinstance(e.code, int) else 2
     return 0
 
 

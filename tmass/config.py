@@ -21,6 +21,8 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 CLIP_ARCHS = ("ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14-336", "small", "tiny")
 PRIORS = ("uniform01", "normal")
 SUPPORT_CENTERS = ("upstream", "paper")
@@ -35,14 +37,14 @@ def opt(default, help: str, use: str = BOTH, choices: tuple | None = None):
 def _check(checks: list[tuple[bool, str]]) -> None:
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise ConfigError(message)
 
 
 def _check_choices(obj) -> None:
     for f in dataclasses.fields(obj):
         choices = f.metadata.get("choices")
         if choices and getattr(obj, f.name) not in choices:
-            raise ValueError(f"--{f.name} must be one of {', '.join(map(str, choices))}, not {getattr(obj, f.name)!r}")
+            raise ConfigError(f"--{f.name} must be one of {', '.join(map(str, choices))}, not {getattr(obj, f.name)!r}")
 
 
 @dataclass
@@ -202,14 +204,14 @@ class Config:
                  for k in ("clip_arch", "num_frames")
                  if k in self.explicit and getattr(self.model, k) != getattr(loaded, k)]
         if wrong:
-            raise SystemExit(f"error: {source} does not match the flags: {'; '.join(wrong)}. Drop those flags "
+            raise ConfigError(f"{source} does not match the flags: {'; '.join(wrong)}. Drop those flags "
                              f"or pass the checkpoint's values.")
 
     def follow_image_size(self, size: int, source: str) -> None:
         """Frames come at the CLIP's image size: taken from it, unless --input_res is given, and then it must
         agree."""
         if "input_res" in self.explicit and self.data.input_res != size:
-            raise SystemExit(f"error: --input_res {self.data.input_res}, but {source} takes {size} x {size} frames; "
+            raise ConfigError(f"--input_res {self.data.input_res}, but {source} takes {size} x {size} frames; "
                              f"drop --input_res or pass {size}")
         self.data.input_res = size
 
@@ -292,7 +294,7 @@ class Parser(argparse.ArgumentParser):
                     hints.append(f"{arg}" + (f" (did you mean {' or '.join(near)}?)" if near else ""))
             if hints:
                 message = f"unknown flag(s): {', '.join(hints)}; `{self.prog} --help` lists them"
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise ConfigError(f"{self.prog}: {message}")
 
 
 DESCRIPTIONS = {
@@ -340,7 +342,7 @@ def build_parser(prog: str, mode: str = BOTH) -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "tmass", mode: str = BOTH) -> Config:
-    """Defaults < --config JSON < --preset < explicit flags. Raises SystemExit with the fix on bad input: every
+    """Defaults < --config JSON < --preset < explicit flags. Raises ConfigError with the fix on bad input: every
     upstream flag that has no meaning here and every missing required flag, in one message."""
     args = vars(build_parser(prog, mode).parse_args(argv))
     problems = [f"--{name}: {fix}" for name, fix in UPSTREAM_ERRORS.items() if f"upstream_{name}" in args]
@@ -366,14 +368,16 @@ def parse_config(argv: list[str] | None = None, prog: str = "tmass", mode: str =
         problems += [f"--{name} is required: {what}" for name, what in REQUIRED[mode].items()
                      if base.get(_owner[name], {}).get(name) is None]
     if problems:
-        raise SystemExit(f"error: {prog}: " + "; ".join(problems))
+        raise ConfigError(f"{prog}: " + "; ".join(problems))
     if notes and os.environ.get("RANK", "0") == "0":
         print(f"note: ignored: {'; '.join(notes)}", file=sys.stderr)
     try:
         return Config(**{sec: cls(**base.get(sec, {})) for sec, cls in SECTIONS.items()}, preset=preset,
                       explicit=frozenset(args))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    except ConfigError:
+        raise
+    except ValueError as e:  # a value of the wrong kind in a --config JSON
+        raise ConfigError(f"{e}") from None
 
 
 def _field(name: str) -> dataclasses.Field:

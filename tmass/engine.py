@@ -15,6 +15,7 @@ import torch
 
 from .config import Config, ModelConfig
 from .data.tokenizer import text_config_overrides
+from .errors import ConfigError
 from .model.clip import build_clip, clip_config
 from .model.loss import MAX_LOGIT_SCALE
 from .model.tmass import TMASS
@@ -32,28 +33,28 @@ def prepare_ds_config(cfg: Config, world: int, cuda: bool) -> dict:
     Everything here runs before any process group starts."""
     path = cfg.train.deepspeed_config
     if not path:
-        raise SystemExit("error: --deepspeed_config is required (e.g. ds_configs/zero2_bf16.json on GPUs, "
+        raise ConfigError("--deepspeed_config is required (e.g. ds_configs/zero2_bf16.json on GPUs, "
                          "ds_configs/cpu_fp32.json on CPUs)")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --deepspeed_config {path}: no such file (see ds_configs/)")
+        raise ConfigError(f"--deepspeed_config {path}: no such file (see ds_configs/)")
     try:
         with open(path) as f:
             ds = json.load(f)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"error: --deepspeed_config {path} is not valid JSON (line {e.lineno}, column {e.colno}: "
+        raise ConfigError(f"--deepspeed_config {path} is not valid JSON (line {e.lineno}, column {e.colno}: "
                          f"{e.msg}); compare it with the files in ds_configs/") from None
     if not isinstance(ds, dict):
-        raise SystemExit(f"error: --deepspeed_config {path} must hold a JSON object (see ds_configs/)")
+        raise ConfigError(f"--deepspeed_config {path} must hold a JSON object (see ds_configs/)")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
-        raise SystemExit("error: ZeRO-3 partitions the HF CLIP embeddings, whose forward reads their shape "
+        raise ConfigError("ZeRO-3 partitions the HF CLIP embeddings, whose forward reads their shape "
                          "(ZeRO-3 hides them); use ds_configs/zero2_bf16.json or zero1_bf16.json: ZeRO-2 is enough "
                          "for a ViT-B/16 T-MASS")
     if ds.get("fp16", {}).get("enabled") and not cuda:
-        raise SystemExit(f"error: {path} enables fp16, which DeepSpeed does not run on CPUs; use "
+        raise ConfigError(f"{path} enables fp16, which DeepSpeed does not run on CPUs; use "
                          f"ds_configs/cpu_bf16.json or cpu_fp32.json")
     if "scheduler" in ds:
-        raise SystemExit(f"error: remove the scheduler block from {path}: tmass sets DeepSpeed's WarmupCosineLR "
+        raise ConfigError(f"remove the scheduler block from {path}: tmass sets DeepSpeed's WarmupCosineLR "
                          f"from --warmup_proportion and the run length")
     accum = int(ds.get("gradient_accumulation_steps", 1))
     batch = ds.get("train_batch_size", "auto")
@@ -61,15 +62,15 @@ def prepare_ds_config(cfg: Config, world: int, cuda: bool) -> dict:
     if batch == "auto":
         batch = cfg.data.batch_size
     elif explicit and int(batch) != cfg.data.batch_size:
-        raise SystemExit(f"error: --batch_size {cfg.data.batch_size} contradicts train_batch_size {batch} in "
+        raise ConfigError(f"--batch_size {cfg.data.batch_size} contradicts train_batch_size {batch} in "
                          f"{path}; drop the flag, or set train_batch_size to \"auto\" or {cfg.data.batch_size}")
     batch = int(batch)
     if batch % (world * accum):
-        raise SystemExit(f"error: the global batch {batch} is not divisible by world size {world} x gradient "
+        raise ConfigError(f"the global batch {batch} is not divisible by world size {world} x gradient "
                          f"accumulation {accum}; choose a --batch_size that is a multiple of {world * accum}")
     micro = batch // (world * accum)
     if ds.get("train_micro_batch_size_per_gpu", "auto") not in ("auto", micro):
-        raise SystemExit(f"error: train_micro_batch_size_per_gpu in {path} should be {micro} "
+        raise ConfigError(f"train_micro_batch_size_per_gpu in {path} should be {micro} "
                          f"(= {batch} / ({world} ranks x {accum})), or \"auto\"")
     ds.update(train_batch_size=batch, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
     if "optimizer" in ds and not cuda:
@@ -85,7 +86,7 @@ def build_model(cfg: ModelConfig, tokenizer) -> TMASS:
     if cfg.clip_path:
         model = TMASS(cfg)
         if len(tokenizer) > model.clip.config.text_config.vocab_size:
-            raise SystemExit(f"error: the tokenizer has {len(tokenizer)} tokens but the CLIP checkpoint's text "
+            raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the CLIP checkpoint's text "
                              f"tower only {model.clip.config.text_config.vocab_size}: use the checkpoint's own "
                              f"tokenizer (--tokenizer {cfg.clip_path})")
         return model

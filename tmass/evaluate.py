@@ -6,12 +6,11 @@ during training.
 2. Score: each rank takes the texts of a contiguous block of videos and scores them against all videos, in
    chunks of at most --eval_chunk (text, video) pairs:
        score(j, i) = max_m cos(t_j + R(t_j, v_i) * eps_{j,i,m}, psi(v_i | t_j))
-   eps is a hash of (seed, text[, video], trial, dim) (model/stochastic.py, counter_noise): the scores do not
-   depend on the world size or the chunk size. --trial_noise per_text draws eps_{j,m} once per text and trial
-   (common random numbers) and turns the trials into three batched products:
-       cos(t + R*eps, p) = (t.p + (R*p).eps) / sqrt(|t|^2 + 2 (t*R).eps + (R*R).(eps*eps))   (|p| = 1)
-   per_pair draws an independent eps for every (text, video, trial), as upstream; compiled (--eval_compile),
-   one kernel hashes each eps where the sums over D use it, so the M x D draws per pair never reach memory.
+   (the kernels: tmass/model/scoring.py). eps is a hash of (seed, text[, video], trial, dim)
+   (tmass/model/noise.py): the scores do not depend on the world size or the chunk size. --trial_noise per_text
+   draws eps_{j,m} once per text and trial (common random numbers) and turns the trials into three batched
+   products; per_pair draws an independent eps for every (text, video, trial), as upstream; compiled
+   (--eval_compile), one kernel hashes each eps where the sums over D use it.
 3. Rank: t2v ranks where the scores are; v2t from each video's best caption, with only O(N_v) numbers
    (the right-pair scores, then counts) crossing ranks; --DSL needs only per-video log-sum-exps.
 --eval_protocol upstream reproduces upstream's leaky score (the chosen trial scored against the candidate
@@ -19,26 +18,22 @@ pooled with its *own* caption), only to compare with published numbers.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import dist
 from .config import EvalConfig
 from .data.transforms import normalize
+from .errors import ConfigError
 from .files import write_json_atomic
 from .metrics import best_caption_scores, metrics_from_ranks, t2v_ranks
-from .model.pooling import VideoSide
-from .model.stochastic import all_cosines, counter_noise, inverse_norms, keyed_noise, noise_table, row_keys
+from .model.scoring import own_caption_pooled, score_rows
 
 DSL_TEMPERATURE = 100.0
 
@@ -98,245 +93,6 @@ def encode(model, batches, device: torch.device, autocast_dtype: torch.dtype | N
     return Encoded(texts_t[tsort], frames_t[vsort], text_video[tsort], [keys[i] for i in vsort.tolist()], skipped)
 
 
-# --------------------------------------------------------------------------------------------- scoring
-AUTO_COMPILE_PAIRS = 10**5  # --eval_compile auto compiles per_pair from ~300 x 300 pairs (a cold compile: ~10 s)
-
-
-class TextTrials(NamedTuple):
-    """per_text noise of a block of texts t [c_t, D], with the products that every chunk of videos reuses."""
-    eps: torch.Tensor  # [c_t, M, D]
-    eps_t: torch.Tensor  # eps^T [c_t, D, M]
-    t_eps: torch.Tensor  # (t * eps)^T [c_t, D, M]
-    eps2: torch.Tensor  # (eps * eps)^T [c_t, D, M]
-
-    @classmethod
-    def make(cls, t: torch.Tensor, eps: torch.Tensor) -> "TextTrials":
-        return cls(eps, eps.transpose(1, 2), (t.float()[:, None, :] * eps).transpose(1, 2),
-                   (eps * eps).transpose(1, 2))
-
-
-def per_text_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, trials: TextTrials,
-                     in_place: bool = False) -> torch.Tensor:
-    """cos(t_j + R_ji * eps_jm, p_ji) for all m, as batched products (nothing of size [pairs, M, D] is made):
-        (t.p + (R*p).eps) / sqrt(|t|^2 + 2 R.(t*eps) + (R*R).(eps*eps))      (|p| = 1)
-    t [c_t, D], radius and unit p [c_t, c_v, D], the texts' trials (eps [c_t, M, D]) -> [c_t, c_v, M].
-    in_place: radius and p are scratch (a Workspace's), overwritten with R*R and R*p, and the [c_t, c_v, M] terms
-    are summed into two tensors instead of ten (fewer fresh blocks for the allocator to scatter over the heap)."""
-    base = torch.bmm(p, t[:, :, None])  # t.p [c_t, c_v, 1]
-    t2 = (t * t).sum(-1)[:, None, None]  # |t|^2 [c_t, 1, 1]
-    if not in_place:
-        b = torch.bmm(radius, trials.t_eps)  # (t*R).eps [c_t, c_v, M]
-        a = torch.bmm(p * radius, trials.eps_t)  # (R*p).eps
-        c = torch.bmm(radius * radius, trials.eps2)  # (R*R).(eps*eps)
-        return (base + a) * (t2 + 2 * b + c).clamp_min(1e-12).rsqrt()
-    norm2 = torch.bmm(radius, trials.t_eps)  # (t*R).eps
-    a = torch.baddbmm(base, p.mul_(radius), trials.eps_t)  # t.p + (R*p).eps
-    norm2.baddbmm_(radius.square_(), trials.eps2, beta=2).add_(t2)  # |t|^2 + 2 (t*R).eps + (R*R).(eps*eps)
-    return a.mul_(norm2.clamp_min_(1e-12).rsqrt_())
-
-
-def per_pair_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """The same formula (|p| = 1) with an eps of its own for every pair: eps [c_t, c_v, M, D] -> [c_t, c_v, M]. As
-    sums over D, which a compiled kernel fuses with the drawing of eps: nothing of size [pairs, M, D] is stored."""
-    base = (p * t[:, None, :]).sum(-1)
-    a = (eps * (radius * p)[:, :, None, :]).sum(-1)  # (R*p).eps
-    b = (eps * (radius * t[:, None, :])[:, :, None, :]).sum(-1)  # (t*R).eps
-    c = (eps * eps * (radius * radius)[:, :, None, :]).sum(-1)  # (R*R).(eps*eps)
-    norm2 = (t * t).sum(-1)[:, None, None] + 2 * b + c
-    return (base[..., None] + a) * norm2.clamp_min(1e-12).rsqrt()
-
-
-class Workspace:
-    """Flat fp32 buffers that every chunk reuses for its [c_t, c_v, D] terms (psi and R): fresh 17 MB tensors
-    for every term of every chunk cost page faults and cold caches."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.bufs = device, {}
-
-    def __call__(self, name: str, *shape: int) -> torch.Tensor:
-        n = math.prod(shape)
-        if name not in self.bufs or self.bufs[name].numel() < n:
-            self.bufs[name] = torch.empty(n, dtype=torch.float32, device=self.device)
-        return self.bufs[name][:n].view(shape)
-
-
-def pooled(model, q: torch.Tensor, side: VideoSide, ws: Workspace | None = None) -> torch.Tensor:
-    """psi(v_i | t_j) / |psi| [c_t, c_v, D] (a view of [c_v, c_t, D]), fp32, for the texts' pooling queries
-    q = pool_frames.text_side(t) [c_t, D] and a chunk of videos; written into `ws` where given."""
-    out = ws("psi", len(side.keys), len(q), q.shape[1]) if ws is not None else None
-    return model.pool_frames.pool(q, side, text_major=True, unit=True, out=out).float()
-
-
-def pair_terms(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor, f_inv: torch.Tensor,
-               ws: Workspace | None = None):
-    """For texts t [c_t, D] (their pooling queries q) and a chunk of videos (frames f, their inverse norms f_inv
-    [c_v, F], pooling half `side`): t, R(t_j, v_i) and psi(v_i | t_j) / |psi|, the last two [c_t, c_v, D], all
-    fp32 (written into `ws` if given)."""
-    p = pooled(model, q, side, ws)
-    t = t.float()
-    out = ws("radius", len(t), len(f), t.shape[1]) if ws is not None else None
-    return t, model.radius(all_cosines(t, f, f_inv), out=out), p
-
-
-def draw_eps(noise, prior: str, std: float):
-    """per_text: TextTrials as given; per_pair: (keys [c_t, c_v], table) -> eps [c_t, c_v, M, D]."""
-    return noise if isinstance(noise, TextTrials) else counter_noise(*noise, prior, std)
-
-
-def trial_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps, in_place: bool = False):
-    """cos [c_t, c_v, M] with per_text TextTrials or per_pair eps [c_t, c_v, M, D]; in_place: see per_text."""
-    if isinstance(eps, TextTrials):
-        return per_text_cosines(t, radius, p, eps, in_place)
-    return per_pair_cosines(t, radius, p, eps)
-
-
-def best_trial(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, noise, prior: str, std: float,
-               in_place: bool = False) -> torch.Tensor:
-    """score(j, i) = max_m cos(t_j + R_ji * eps_jim, psi(v_i | t_j)) [c_t, c_v]. This is what --eval_compile
-    compiles (per_pair): eps is then drawn inside the kernel that uses it."""
-    return trial_cosines(t, radius, p, draw_eps(noise, prior, std), in_place).amax(dim=-1)
-
-
-def leaky_scores(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor, f_inv: torch.Tensor,
-                 noise, prior: str, std: float, own_hat: torch.Tensor) -> torch.Tensor:
-    """--eval_protocol upstream (leaky): the trial is chosen against psi(v_i | t_j), then scored against the
-    candidate pooled with its own caption, psi(v_i | t_i) (own_hat [c_v, D], normalised)."""
-    t, radius, p = pair_terms(model, t, q, side, f, f_inv)
-    eps = draw_eps(noise, prior, std)
-    c_t, c_v, dim = len(t), len(own_hat), t.shape[1]
-    best = trial_cosines(t, radius, p, eps).argmax(dim=-1)  # [c_t, c_v]
-    if isinstance(eps, TextTrials):
-        eps_best = eps.eps.gather(1, best.reshape(c_t, -1, 1).expand(-1, -1, dim)).view(c_t, c_v, dim)
-    else:
-        eps_best = eps.gather(2, best[..., None, None].expand(-1, -1, 1, dim)).squeeze(2)
-    chosen = F.normalize(t[:, None] + radius * eps_best, dim=-1)
-    return torch.einsum("tvd,vd->tv", chosen, own_hat)
-
-
-def deterministic_scores(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide,
-                         own_hat: torch.Tensor | None = None) -> torch.Tensor:
-    """cos(t_j, psi(v_i | t_j)) [c_t, c_v]: the X-Pool baseline, no trials. With own_hat [c_v, D] (--eval_protocol
-    upstream, leaky): cos(t_j, psi(v_i | t_i)), upstream's procedure with one trial of zero noise (the chosen text
-    is t_j itself, scored against the candidate pooled with its own caption)."""
-    t_hat = F.normalize(t.float(), dim=-1)
-    if own_hat is not None:
-        return t_hat @ own_hat.T
-    return torch.bmm(pooled(model, q, side), t_hat[:, :, None]).squeeze(-1)
-
-
-_compiled: dict = {}
-
-
-def _scorer(cfg: EvalConfig, pairs: int):
-    """best_trial, compiled (torch.compile: C++/OpenMP on CPU, Triton on GPU) for per_pair when --eval_compile
-    asks or, for auto, when the test set has at least AUTO_COMPILE_PAIRS pairs. The kernel then draws each eps
-    where it is used, instead of writing M x D numbers per pair to memory (1k x 1k on 2 CPU cores: 65 s -> 8 s,
-    bench/eval.py). per_text is batched matrix products already, and compiling it gained nothing there, so it
-    stays eager. Returns (function, compiled?)."""
-    per_pair = cfg.trial_noise == "per_pair"
-    if not per_pair or cfg.eval_compile == "no" or (cfg.eval_compile == "auto" and pairs < AUTO_COMPILE_PAIRS):
-        return best_trial, False
-    if "best_trial" not in _compiled:
-        _compiled["best_trial"] = torch.compile(best_trial, dynamic=False)
-    return _compiled["best_trial"], True
-
-
-def _compile_failed(cfg: EvalConfig, e: Exception):
-    """--eval_compile yes stops with the fix; auto warns and goes on with the eager scorer."""
-    if cfg.eval_compile == "yes":
-        first_line = (str(e).strip().splitlines() or [""])[0][:300]
-        raise SystemExit(f"error: --eval_compile yes, but torch.compile failed ({type(e).__name__}: {first_line}); "
-                         f"install a C++ compiler (g++) for CPU runs, or pass --eval_compile no") from e
-    print(f"warning: torch.compile failed ({type(e).__name__}); scoring without it (--eval_compile no silences "
-          f"this)", file=sys.stderr)
-
-
-def _block(start: int, stop: int, size: int, pad: bool, device) -> slice | torch.Tensor:
-    """Rows start..stop-1: a slice (views, no copies), or for a compiled scorer indices padded to `size` by
-    repeating the last, so that every call has one shape."""
-    if not pad:
-        return slice(start, stop)
-    return torch.arange(start, start + size, device=device).clamp_max(stop - 1)
-
-
-@torch.no_grad()
-def score_rows(model, enc: Encoded, rows: torch.Tensor, cfg: EvalConfig, seed: int,
-               own_hat: torch.Tensor | None = None, timings: dict | None = None) -> torch.Tensor:
-    """Scores [len(rows), N_v] of the texts `rows` (global ids) against every video, chunk by chunk. Noise:
-    per_text eps_{j,m} from stream (seed, "text") keyed by j; per_pair eps_{j,i,m} from (seed, "pair") keyed by
-    (j, i). `timings` receives the first chunk's time (compilation included) and whether it was compiled."""
-    n_v, device = enc.frames.shape[0], enc.frames.device
-    out = torch.empty(len(rows), n_v, dtype=torch.float32, device=device)
-    if len(rows) == 0 or n_v == 0:
-        return out
-    stochastic = not cfg.deterministic_text
-    per_pair = stochastic and cfg.trial_noise == "per_pair"
-    score, compiled = _scorer(cfg, len(enc.text) * n_v) if stochastic and own_hat is None else (None, False)
-    # eager per_pair holds M noise vectors per pair: fewer pairs per chunk, for the same memory
-    pairs = cfg.eval_chunk // (cfg.stochastic_trials if per_pair and not compiled else 1)
-    c_t = max(1, min(len(rows), math.isqrt(max(1, pairs))))
-    c_v = max(1, min(n_v, pairs // c_t))
-    pdtype = next(model.pool_frames.parameters()).dtype
-    side = model.pool_frames.video_side(enc.frames.to(pdtype), block=64)  # once per video: O(N_v F D)
-    f_inv = inverse_norms(enc.frames)  # 1 / |f| [N_v, F], once, for the radius's cosines
-    m, dim = cfg.stochastic_trials, enc.text.shape[1]
-    prior, std = model.cfg.stochastic_prior, model.cfg.stochastic_prior_std
-    table = noise_table((seed, "pair"), m, dim, device) if per_pair else None
-    ws = Workspace(device)
-    t0, first = time.perf_counter(), True
-    for a in range(0, len(rows), c_t):
-        n_ids = min(c_t, len(rows) - a)
-        ids = rows[_block(a, a + n_ids, c_t, compiled, device)]  # global text ids
-        t = enc.text[ids]
-        q = model.pool_frames.text_side(t.to(pdtype))  # the texts' half of the pooling, once per block
-        eps = noise = None  # the last block's trials go before this block's are drawn
-        eps = TextTrials.make(t, keyed_noise((seed, "text"), ids, m, dim, prior, std, device)) \
-            if stochastic and not per_pair else None
-        for v in range(0, n_v, c_v):
-            n_vids = min(c_v, n_v - v)
-            vids = _block(v, v + n_vids, c_v, compiled, device)
-            if per_pair:
-                video_ids = torch.arange(v, v + n_vids, device=device) if isinstance(vids, slice) else vids
-                noise = (row_keys((seed, "pair"), ids[:, None], video_ids[None, :]), table)
-            else:
-                noise = eps
-            if not stochastic:
-                s = deterministic_scores(model, t, q, side[vids], None if own_hat is None else own_hat[vids])
-            elif own_hat is not None:
-                s = leaky_scores(model, t, q, side[vids], enc.frames[vids], f_inv[vids], noise, prior, std,
-                                 own_hat[vids])
-            else:
-                try:  # the first compiled call compiles
-                    terms = pair_terms(model, t, q, side[vids], enc.frames[vids], f_inv[vids], ws)
-                    s = score(*terms, noise, prior, std, in_place=not compiled)  # terms: ws's scratch
-                except Exception as e:  # noqa: BLE001 (no C++ compiler, an unsupported backend, ...)
-                    if not (compiled and first):
-                        raise
-                    _compile_failed(cfg, e)  # stops for --eval_compile yes; else again, eager, with its chunks
-                    return score_rows(model, enc, rows, dataclasses.replace(cfg, eval_compile="no"), seed, own_hat,
-                                      timings)
-            out[a:a + n_ids, v:v + n_vids] = s[:n_ids, :n_vids]
-            if first and timings is not None:
-                timings.update(first_chunk_s=round(time.perf_counter() - t0, 3), compiled=compiled)
-            first = False
-    return out
-
-
-@torch.no_grad()
-def own_caption_pooled(model, enc: Encoded) -> torch.Tensor:
-    """psi(v_i | t_i) for every video i with its own (only) caption, normalised: upstream's leaky candidate."""
-    n_t, n_v = len(enc.text_video), enc.frames.shape[0]
-    if n_t != n_v or not torch.equal(enc.text_video, torch.arange(n_v, device=enc.text_video.device)):
-        raise ValueError(f"--eval_protocol upstream needs one caption per video (N_t = N_v); this test set has "
-                         f"N_t = {n_t} texts for N_v = {n_v} videos. Use the default leak-free protocol.")
-    pdtype = next(model.pool_frames.parameters()).dtype
-    out = []
-    for v in range(0, n_v, 64):  # a block's videos with its texts [64, 64, D], of which the diagonal is kept
-        psi = model.pool_frames(enc.text[v:v + 64].to(pdtype), enc.frames[v:v + 64].to(pdtype))
-        out.append(F.normalize(psi.diagonal().T.float(), dim=-1))  # psi(v_i | t_i) [64, D]
-    return torch.cat(out)
-
-
 # --------------------------------------------------------------------------------------------- the whole thing
 @torch.no_grad()
 def evaluate(model, batches, cfg: EvalConfig, seed: int, device: torch.device,
@@ -364,12 +120,13 @@ def rank_all(model, enc: Encoded, cfg: EvalConfig, seed: int) -> dict:
         why = ", ".join(f"{r}: {n}" for r, n in enc.skipped.get("reasons", {}).items()) or "no samples"
         raise ValueError(f"the test shards gave no usable video ({why}); evaluation needs each sample's video "
                          f"bytes (mp4) and captions (json 'captions' or txt): build them with shards/build.py")
-    own_hat = own_caption_pooled(model, enc) if cfg.eval_protocol == "upstream" else None
+    leaky = cfg.eval_protocol == "upstream"
+    own_hat = own_caption_pooled(model, enc.text, enc.frames, enc.text_video) if leaky else None
     rank, world = dist.rank(), dist.world()
     v0, v1 = rank * n_v // world, (rank + 1) * n_v // world  # this rank's owner videos
     rows = torch.nonzero((enc.text_video >= v0) & (enc.text_video < v1)).flatten()
     timings: dict = {}
-    scores = score_rows(model, enc, rows, cfg, seed, own_hat, timings)  # [n_rows, N_v]
+    scores = score_rows(model, enc.text, enc.frames, rows, cfg, seed, own_hat, timings)  # [n_rows, N_v]
     if cfg.dsl:  # s <- s * softmax over all queries (texts) of 100 s, per video column
         lse = torch.logsumexp(DSL_TEMPERATURE * scores, dim=0) if len(rows) else torch.full(
             (n_v,), float("-inf"), device=scores.device)
@@ -434,26 +191,23 @@ def resolve_checkpoint(cfg) -> tuple[str | None, str | None]:
     if path is None and ev.load_epoch is not None:
         path = run_dir(cfg.train.output_dir, cfg.train.exp_name)
         if not is_run_dir(path):
-            raise SystemExit(f"error: --exp_name {cfg.train.exp_name} --load_epoch {ev.load_epoch}: no tmass run at "
+            raise ConfigError(f"--exp_name {cfg.train.exp_name} --load_epoch {ev.load_epoch}: no tmass run at "
                              f"{path}; pass --output_dir where the run lives, or --checkpoint RUN_DIR")
     if path is None:
         if not ev.random_init:
-            raise SystemExit("error: no trained weights to evaluate: pass --checkpoint RUN_DIR (or an export dir, "
+            raise ConfigError("no trained weights to evaluate: pass --checkpoint RUN_DIR (or an export dir, "
                              "or an upstream .pth), or --exp_name NAME --load_epoch -1 for that run's best "
                              "checkpoint; --random_init scores a randomly initialised model on purpose")
         return None, None
     if ev.random_init:
-        raise SystemExit("error: --random_init and a checkpoint contradict each other; drop one")
+        raise ConfigError("--random_init and a checkpoint contradict each other; drop one")
     if not os.path.exists(path):
-        raise SystemExit(f"error: --checkpoint {path}: no such file or directory")
+        raise ConfigError(f"--checkpoint {path}: no such file or directory")
     if ev.load_epoch is None or ev.load_epoch == -1:
         return path, None
     if not is_run_dir(path):
-        raise SystemExit(f"error: --load_epoch {ev.load_epoch} needs a tmass run directory, and {path} is not one")
-    try:
-        return path, epoch_tag(checkpoints_dir(path), ev.load_epoch)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise ConfigError(f"--load_epoch {ev.load_epoch} needs a tmass run directory, and {path} is not one")
+    return path, epoch_tag(checkpoints_dir(path), ev.load_epoch)
 
 
 def adopt_eval_settings(cfg, info: dict) -> list[str]:
@@ -474,7 +228,7 @@ def check_test_shards(urls: list[str]) -> None:
 
     missing = missing_shards(urls)
     if missing:
-        raise SystemExit(f"error: {len(missing)} of {len(urls)} test shard(s) missing, e.g. {missing[0]}; a "
+        raise ConfigError(f"{len(missing)} of {len(urls)} test shard(s) missing, e.g. {missing[0]}; a "
                          f"subset would give other numbers: fix --test_shards")
 
 
@@ -499,17 +253,14 @@ def run(cfg) -> dict:
 
     assert isinstance(cfg, Config)
     if not cfg.eval.test_shards:
-        raise SystemExit("error: --test_shards is required (build them with shards/build.py)")
+        raise ConfigError("--test_shards is required (build them with shards/build.py)")
     urls = expand_shards(cfg.eval.test_shards)
     check_test_shards(urls)
     path, tag = resolve_checkpoint(cfg)
     if cfg.model.clip_path:
         from .model.clip import resolve_clip_path
 
-        try:
-            cfg.model.clip_path = resolve_clip_path(cfg.model.clip_path)
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: {e}") from None
+        cfg.model.clip_path = resolve_clip_path(cfg.model.clip_path)
     info = dist.init()
     model, source = model_for(cfg, path, tag, info)
     stream = EvalStream(urls, cfg.data, tokenizer_for(cfg, path), cfg.eval.eval_batch_size, rank=info.rank,

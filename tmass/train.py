@@ -34,10 +34,11 @@ from .data.shardlist import expand_shards, missing_shards, samples_per_epoch
 from .data.stream import (SkipStats, StreamPosition, TrainStream, EvalStream, check_bad_fraction, make_loader)
 from .data.tokenizer import load_tokenizer, resolve_tokenizer
 from .data.transforms import normalize
+from .errors import ConfigError
 from .files import write_json_atomic
 from .logs import Meter, RunLog
 from .model.clip import clip_config
-from .model.stochastic import keyed_noise
+from .model.noise import keyed_noise
 
 
 # --------------------------------------------------------------------------- checks, before any process group
@@ -48,13 +49,11 @@ def model_image_size(cfg: ModelConfig) -> int:
 
         from .model.clip import resolve_clip_path
 
+        path = resolve_clip_path(cfg.clip_path)
         try:
-            path = resolve_clip_path(cfg.clip_path)
             return CLIPConfig.from_pretrained(path, local_files_only=True).vision_config.image_size
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: {e}") from None
         except OSError as e:
-            raise SystemExit(f"error: --clip_path {cfg.clip_path}: no CLIP config.json there "
+            raise ConfigError(f"--clip_path {cfg.clip_path}: no CLIP config.json there "
                              f"({(str(e).splitlines() or [''])[0][:200]}); pass a CLIP checkpoint directory") \
                 from None
     return clip_config(cfg.clip_arch).vision_config.image_size
@@ -62,14 +61,14 @@ def model_image_size(cfg: ModelConfig) -> int:
 
 def check_inputs(cfg: Config) -> list[str]:
     if not cfg.train.train_shards:
-        raise SystemExit("error: --train_shards is required (build shards with shards/build.py)")
+        raise ConfigError("--train_shards is required (build shards with shards/build.py)")
     urls = expand_shards(cfg.train.train_shards)
     missing = missing_shards(urls)
     if missing:
-        raise SystemExit(f"error: {len(missing)} train shard(s) missing, e.g. {missing[0]}")
+        raise ConfigError(f"{len(missing)} train shard(s) missing, e.g. {missing[0]}")
     missing = missing_shards(expand_shards(cfg.train.val_shards)) if cfg.train.val_shards else []
     if missing:
-        raise SystemExit(f"error: val shard missing: {missing[0]}")
+        raise ConfigError(f"val shard missing: {missing[0]}")
     return urls
 
 
@@ -101,10 +100,7 @@ def config_changes(old: dict, new: dict) -> list[str]:
 def check_resume(cfg: Config, out: str, world: int) -> str | None:
     """The tag to resume from (None: a fresh run). Refuses, with the differences and the way out, a relaunch
     whose settings would change the run, or whose world size or --max_steps cannot continue it."""
-    try:
-        tag = ckpt.resume_tag(os.path.join(out, "checkpoints"))
-    except ckpt.NoCheckpoint as e:
-        raise SystemExit(f"error: {e}") from None
+    tag = ckpt.resume_tag(os.path.join(out, "checkpoints"))
     if tag is None:
         return None
     meta = ckpt.read_meta(os.path.join(out, "checkpoints"), tag)
@@ -115,15 +111,15 @@ def check_resume(cfg: Config, out: str, world: int) -> str | None:
         old = {}
     changes = config_changes(old, cfg.to_dict())
     if changes and not cfg.train.allow_config_change:
-        raise SystemExit(f"error: {out} is an existing run (step {meta['step']}), and these settings differ from "
+        raise ConfigError(f"{out} is an existing run (step {meta['step']}), and these settings differ from "
                          f"its config.json: {'; '.join(changes)}. Start a new run with another --exp_name, or "
                          f"pass --allow_config_change to resume with the new settings anyway")
     if meta["world"] != world:
-        raise SystemExit(f"error: {out} was written by {meta['world']} ranks, and this launch has {world}; resume "
+        raise ConfigError(f"{out} was written by {meta['world']} ranks, and this launch has {world}; resume "
                          f"with {meta['world']} (exact resume replays every rank's data stream), or start a new "
                          f"--exp_name")
     if cfg.train.max_steps and cfg.train.max_steps < meta["step"]:
-        raise SystemExit(f"error: --max_steps {cfg.train.max_steps}, but {out} has already reached step "
+        raise ConfigError(f"--max_steps {cfg.train.max_steps}, but {out} has already reached step "
                          f"{meta['step']}; raise --max_steps, or evaluate the run as it is")
     if changes and dist.env_rank() == 0:
         print(f"warning: resuming {out} with changed settings (--allow_config_change): {'; '.join(changes)}",
@@ -182,10 +178,7 @@ def train(cfg: Config) -> dict:
     resume_from = check_resume(cfg, out, eng.world_size_from_env())
     lock = None
     if dist.env_rank() == 0:
-        try:
-            lock = ckpt.RunLock(out).acquire()
-        except ckpt.RunLocked as e:
-            raise SystemExit(f"error: {e}") from None
+        lock = ckpt.RunLock(out).acquire()
     try:
         signals = _install_signal_handlers()
         dist.exit_with_launcher()

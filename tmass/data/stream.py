@@ -34,6 +34,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig
+from ..errors import DataError
 from ..shards.format import VIDEO_EXTS as VIDEO_KEYS  # the fields a builder may have stored a video under
 from .shardlist import manifest_counts
 from .tokenizer import tokenize, trim
@@ -104,7 +105,7 @@ def _warn_limited(message: str, every: float = 30.0) -> None:
 UNREADABLE = "unreadable shard"  # the skip reason of a shard that cannot be read to its end
 
 
-class TooManyBadSamples(RuntimeError):
+class TooManyBadSamples(DataError, RuntimeError):
     pass
 
 

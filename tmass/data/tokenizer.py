@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from ..errors import ConfigError
+
 CONTEXT = 77
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
 
@@ -81,5 +83,5 @@ def resolve_tokenizer(explicit: str | None, clip_path: str | None, shards: str |
         folder = os.path.join(os.path.dirname(expand_shards(shards)[0]), "tokenizer")
         if os.path.isdir(folder):
             return folder
-    raise SystemExit("error: no tokenizer: pass --tokenizer DIR (a CLIP checkpoint directory or a shards' "
+    raise ConfigError("no tokenizer: pass --tokenizer DIR (a CLIP checkpoint directory or a shards' "
                      "tokenizer/ folder) or --clip_path")

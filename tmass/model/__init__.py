@@ -1,2 +1,3 @@
-"""The T-MASS model: CLIP towers (clip.py), pooling (pooling.py), the text mass (stochastic.py), the module
+"""The T-MASS model: CLIP towers (clip.py), pooling (pooling.py), the text mass (stochastic.py),
+counter-based noise (noise.py), the evaluation's scoring kernels (scoring.py), the module
 (tmass.py: `TMASS`), and checkpoint import/export (io.py)."""

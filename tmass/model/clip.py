@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
+from ..errors import ConfigError, DataError
+
 _HUB_HINT = (
     "--clip_path takes a local directory holding a HF CLIP checkpoint (config.json and model.safetensors "
     "or pytorch_model.bin), or a hub name already in the HF cache; nothing is downloaded at run time. On a "
@@ -23,7 +25,7 @@ _HUB_HINT = (
 
 def resolve_clip_path(clip_path: str) -> str:
     """A local checkpoint directory as it is; a hub name (`openai/clip-vit-base-patch16`) as its snapshot in
-    the HF cache (HF_HUB_CACHE, else HF_HOME/hub), offline. Raises FileNotFoundError with the fix."""
+    the HF cache (HF_HUB_CACHE, else HF_HOME/hub), offline. Raises ConfigError with the fix."""
     if os.path.isdir(clip_path):
         return clip_path
     parts = clip_path.split("/")
@@ -35,9 +37,9 @@ def resolve_clip_path(clip_path: str) -> str:
         try:
             return snapshot_download(clip_path, cache_dir=cache, local_files_only=True)
         except Exception as e:  # noqa: BLE001 (LocalEntryNotFoundError, a broken cache, ...)
-            raise FileNotFoundError(f"--clip_path {clip_path}: not in the HF cache {cache or '(the default)'} "
+            raise ConfigError(f"--clip_path {clip_path}: not in the HF cache {cache or '(the default)'} "
                                     f"({type(e).__name__}). {_HUB_HINT}") from None
-    raise FileNotFoundError(f"--clip_path {clip_path!r} is not a directory. {_HUB_HINT}")
+    raise ConfigError(f"--clip_path {clip_path!r} is not a directory. {_HUB_HINT}")
 
 
 def clip_config(arch: str) -> CLIPConfig:
@@ -74,7 +76,7 @@ def build_clip(clip_path: str | None = None, arch: str = "ViT-B/32", config: CLI
         try:
             clip = CLIPModel.from_pretrained(clip_path, local_files_only=True)
         except OSError as e:
-            raise FileNotFoundError(f"{clip_path}: not a loadable CLIP checkpoint ({e}). {_HUB_HINT}") from None
+            raise DataError(f"{clip_path}: not a loadable CLIP checkpoint ({e}). {_HUB_HINT}") from None
     else:
         clip = CLIPModel(config or clip_config(arch))
     one_element_logit_scale(clip)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPModel
 
 from ..config import ModelConfig
+from ..errors import DataError
 from .clip import one_element_logit_scale
 from .tmass import TMASS
 
@@ -33,7 +34,7 @@ IGNORED_UPSTREAM_KEYS = {"clip.text_model.embeddings.position_ids", "clip.vision
 RENAMES = {"stochastic.std_branch.linear_proj.": "radius.linear_proj."}
 
 
-class CheckpointMismatch(Exception):
+class CheckpointMismatch(DataError):
     """The checkpoint's keys or shapes do not fit the model built from the flags."""
 
 

@@ -7,7 +7,7 @@ For texts t [N_t, D] and frames f [N_v, F, D], with one LayerNorm LN1 shared by 
     h = LN2(W_o (a[i, j] u[i]) + b_o)           [N_v, N_t, D]
     psi(v_i | t_j) = LN3(h + Dropout(W_l h + b_l))
 In training, Dropout's mask of pair (i, j) is keyed by the pair's global ids and the step
-(stochastic.pair_dropout_mask), given as `dropout_key`; without one, torch's own Dropout draws it.
+(noise.pair_dropout_mask), given as `dropout_key`; without one, torch's own Dropout draws it.
 The projections start as the identity (biases 0). Any chunk of texts x any chunk of videos works, which the
 sharded evaluation uses. Parameter names match the upstream checkpoints (`pool_frames.*`).
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .stochastic import pair_dropout_mask
+from .noise import pair_dropout_mask
 
 
 @dataclass
