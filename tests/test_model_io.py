@@ -6,6 +6,7 @@ import torch
 from transformers import CLIPModel
 
 import _reference as ref
+from tmass.errors import ConfigError, DataError
 from tmass.config import ModelConfig
 from tmass.model.clip import build_clip, clip_config
 from tmass.model.io import CheckpointMismatch, export_hf, load_hf, load_upstream
@@ -114,12 +115,12 @@ def test_local_clip_directory_and_hub_names(tmp_path):
     CLIPModel(clip_config("tiny")).save_pretrained(tmp_path / "clip")
     clip = build_clip(str(tmp_path / "clip"))
     assert clip.logit_scale.shape == (1,) and clip.config.projection_dim == 32
-    with pytest.raises(FileNotFoundError, match="not in the HF cache .*huggingface-cli download"):
+    with pytest.raises(ConfigError, match="not in the HF cache .*huggingface-cli download"):
         build_clip("openai/clip-vit-base-patch32")
-    with pytest.raises(FileNotFoundError, match="is not a directory"):
+    with pytest.raises(ConfigError, match="is not a directory"):
         build_clip(str(tmp_path / "nowhere" / "clip"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a loadable CLIP checkpoint"):
+    with pytest.raises(DataError, match="not a loadable CLIP checkpoint"):
         build_clip(str(tmp_path / "empty"))
 
 
@@ -175,7 +176,7 @@ def test_a_hub_name_resolves_offline_through_the_hf_cache(tmp_path, monkeypatch)
     torch.testing.assert_close(clip.text_projection.weight,
                                CLIPModel.from_pretrained(snap).text_projection.weight)
     assert resolve_tokenizer(None, "someone/tiny-clip", None) == str(snap)
-    with pytest.raises(FileNotFoundError, match=f"someone/other: not in the HF cache {cache}"):
+    with pytest.raises(ConfigError, match=f"someone/other: not in the HF cache {cache}"):
         resolve_clip_path("someone/other")
 
 
