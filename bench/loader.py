@@ -69,10 +69,10 @@ def time_upstream(paths: list[str], clips: int, num_frames: int, size: int) -> f
 
 def time_shards(urls: list[str], tok, clips: int, batch: int, num_frames: int, size: int, workers: int = 0) -> float:
     """Clips/s of the training stream with `workers` loader processes (0: in this process)."""
-    cfg = DataConfig(num_frames=num_frames, input_res=size, batch_size=batch, num_workers=workers, decode_timeout=0,
-                     shuffle_buffer=64, shuffle_initial=8)
+    cfg = DataConfig(input_res=size, num_workers=workers, decode_timeout=0, shuffle_buffer=64, shuffle_initial=8)
     n_batches = max(1, clips // batch) + max(1, workers)
-    it = iter(make_loader(TrainStream(urls, cfg, tok, n_batches), workers))
+    stream = TrainStream(urls, cfg, tok, n_batches, batch_size=batch, num_frames=num_frames, seed=24)
+    it = iter(make_loader(stream, workers))
     next(it)  # warm-up: imports, workers started, first decode
     t = time.perf_counter()
     got = sum(b["video"].shape[0] for b in it)

@@ -34,10 +34,10 @@ COMMON=(--preset demo --clip_arch small --input_res 64)
 run() {  # run NAME [extra flags]: train, then evaluate the best checkpoint on the test split
   local name=$1; shift
   local port=$((29500 + RANDOM % 1000))
-  deepspeed --num_gpus "$RANKS" --master_port "$port" launch/train.py "${COMMON[@]}" "$@" \
+  deepspeed --log_level warning --num_gpus "$RANKS" --master_port "$port" launch/train.py "${COMMON[@]}" "$@" \
     --deepspeed_config "$DSCONF" --batch_size 32 --num_epochs "$EPOCHS" \
     --train_shards "$TRAIN" --val_shards "$DATA/val-000000.tar" --output_dir "$OUT" --exp_name "$name" --log_step 32
-  deepspeed --num_gpus "$RANKS" --master_port "$((port + 1))" launch/eval.py "${COMMON[@]}" "$@" \
+  deepspeed --log_level warning --num_gpus "$RANKS" --master_port "$((port + 1))" launch/eval.py "${COMMON[@]}" "$@" \
     --checkpoint "$OUT/$name" --test_shards "$TEST" --results "$OUT/$name/test_results.json" \
     --tensorboard_dir "$OUT/$name/tb"
 }

@@ -3,7 +3,7 @@
 the flags.
 
     deepspeed --num_gpus 8 launch/eval.py --checkpoint outputs/msrvtt \\
-        --test_shards 'shards/msrvtt/test-{000000..000004}.tar'
+        --test_shards 'shards/msrvtt/test-*.tar'
     python launch/eval.py --checkpoint model_best.pth --clip_arch ViT-B/32 --clip_path /shared/clip-vit-base-patch32 ...
 """
 import os

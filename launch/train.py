@@ -3,7 +3,7 @@
 
     deepspeed --num_gpus 8 launch/train.py --deepspeed_config ds_configs/zero2_bf16.json --preset msrvtt \\
         --clip_path /shared/clip-vit-base-patch16 \\
-        --train_shards 'shards/msrvtt/train-{000000..000044}.tar' --val_shards 'shards/msrvtt/val-000000.tar'
+        --train_shards 'shards/msrvtt/train-*.tar' --val_shards 'shards/msrvtt/val-*.tar'
 Also runs under torchrun, srun (one task per GPU) and as one plain python process. Relaunching the same
 command resumes from the run's latest checkpoint.
 """

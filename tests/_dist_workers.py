@@ -79,7 +79,7 @@ def encode_worker(rank: int, world: int, port: int, shards: list, tokenizer: str
     from tmass.evaluate import encode
 
     tok = load_tokenizer(tokenizer)
-    ds = EvalStream(shards, DataConfig(num_frames=4, input_res=32, num_workers=2), tok, 2, rank=rank, world=world)
+    ds = EvalStream(shards, DataConfig(input_res=32, num_workers=2), tok, 2, num_frames=4, rank=rank, world=world)
     enc = encode(TokenEcho(), make_loader(ds, 2), torch.device("cpu"))
     if rank == 0:
         torch.save({"text": enc.text, "text_video": enc.text_video, "keys": enc.keys},

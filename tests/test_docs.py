@@ -1,7 +1,11 @@
 """The documentation's commands that run on a CPU machine, run verbatim (taken from the Markdown) on small inputs
 that the tests make: the README's own-videos quickstart (CSV -> shards -> train -> eval, with a tiny CLIP placed
-in a HF cache under the name the README uses) and the MSR-VTT shard command on a fake tree in the real
-annotation formats. Every relative link of the README and docs points at a file that exists."""
+in a HF cache under the name the README uses); the MSR-VTT shard command on a fake tree in the real annotation
+formats, then the one-node training and evaluation commands of the README and docs (2 CPU ranks for 8 GPUs, a
+temporary folder for /shared/, tiny CLIPs there), upstream's --exp_name/--load_epoch evaluation and a released
+upstream .pth; the synthetic, LSMDC and DiDeMo shard commands. Every relative link of the README and docs points
+at a file that exists. Not run here: the SLURM commands with --nodes 2 (tests/test_slurm_cluster.py runs the
+same scripts on a one-node cluster) and the demo itself (`bash launch/demo.sh`)."""
 import csv
 import json
 import os
@@ -12,7 +16,7 @@ import sys
 import pytest
 
 from _media import make_clip
-from _procs import clean_env
+from _procs import clean_env, free_port
 from conftest import REPO
 
 DOCS = [os.path.join(REPO, "README.md")] + [os.path.join(REPO, "docs", f) for f in sorted(os.listdir(
@@ -84,17 +88,30 @@ def test_the_readme_quickstart_on_your_own_videos(tmp_path):
     assert "[INFO]" not in p.stdout + p.stderr  # DeepSpeed's INFO lines are off by default
 
 
-def test_the_msrvtt_shard_command_on_a_fake_tree(tmp_path):
-    """The docs' MSR-VTT command, verbatim, on 505 train videos (500 held out for validation) and 3 test ones."""
-    command = [ln for ln in block_with(os.path.join(REPO, "README.md"), "--source msrvtt").splitlines()
-               if ln.startswith("tmass-build-shards --source msrvtt")][0]
-    assert command in block_with(os.path.join(REPO, "docs", "data.md"), "--source msrvtt")
-    anns, vids = tmp_path / "data" / "MSRVTT" / "anns", tmp_path / "data" / "MSRVTT" / "videos"
+def commands(block):
+    """The commands of a bash block, continuation lines joined, comments dropped."""
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]
+
+
+def on_this_machine(command, shared):
+    """A GPU node's command as this CPU machine runs it: 2 ranks instead of 8 (on a free port), and the cluster's
+    /shared/ folder in a temporary one. Nothing else changes."""
+    assert "--num_gpus 8 " in command
+    return command.replace("--num_gpus 8", f"--num_gpus 2 --master_port {free_port()}").replace(
+        "/shared/", f"{shared}/")
+
+
+@pytest.fixture(scope="module")
+def msrvtt(tmp_path_factory):
+    """A fake MSR-VTT tree in the real annotation formats (505 train videos, 20 test videos), its shards built by
+    the README's command, verbatim, and tiny CLIPs with the captions' tokenizer in /shared."""
+    root = tmp_path_factory.mktemp("msrvtt")
+    anns, vids = root / "data" / "MSRVTT" / "anns", root / "data" / "MSRVTT" / "videos"
     anns.mkdir(parents=True)
     vids.mkdir(parents=True)
     clip = make_clip(32, 32, fps=3, seconds=1)
     train = [f"video{i}" for i in range(505)]
-    test = ["video9770", "video9771", "video9772"]
+    test = [f"video{9000 + i}" for i in range(20)]
     for v in train + test:
         (vids / f"{v}.mp4").write_bytes(clip)
     sentences = [{"video_id": v, "caption": f"caption {k} of {v}", "sen_id": n}
@@ -103,12 +120,158 @@ def test_the_msrvtt_shard_command_on_a_fake_tree(tmp_path):
     (anns / "MSRVTT_train.9k.csv").write_text("video_id\n" + "\n".join(train) + "\n")
     (anns / "MSRVTT_JSFUSION_test.csv").write_text("key,vid_key,video_id,sentence\n" + "".join(
         f"ret{i},msr{v[5:]},{v},a sentence about {v}\n" for i, v in enumerate(test)))
-    env = clean_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    run_block(command, tmp_path, env)
-    totals = {s: json.loads((tmp_path / "shards" / "msrvtt" / f"{s}.json").read_text())["totals"]
+    command = [c for c in commands(block_with(os.path.join(REPO, "README.md"), "--source msrvtt"))
+               if c.startswith("tmass-build-shards --source msrvtt")][0]
+    assert command in commands(block_with(os.path.join(REPO, "docs", "data.md"), "--source msrvtt"))
+    env = clean_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], DS_ACCELERATOR="cpu")
+    run_block(command, root, env)
+    captions = [x["caption"] for x in sentences] + [f"a sentence about {v}" for v in test]
+    for name in ("clip-vit-base-patch16", "clip-vit-base-patch32"):
+        tiny_clip_dir(root / "shared" / name, captions)
+    os.symlink(os.path.join(REPO, "ds_configs"), root / "ds_configs")
+    os.symlink(os.path.join(REPO, "launch"), root / "launch")
+    return root, env
+
+
+def tiny_clip_dir(path, captions):
+    from transformers import CLIPModel
+
+    from tmass.data.tokenizer import build_caption_tokenizer, text_config_overrides
+    from tmass.model.clip import clip_config
+
+    tok = build_caption_tokenizer(captions, str(path))
+    conf = clip_config("tiny")
+    for k, v in text_config_overrides(tok).items():
+        setattr(conf.text_config, k, v)
+    CLIPModel(conf).save_pretrained(path)
+
+
+def test_the_msrvtt_shard_command_on_a_fake_tree(msrvtt):
+    """The docs' MSR-VTT command, verbatim: 500 of the 505 train videos held out for validation."""
+    root, _ = msrvtt
+    totals = {s: json.loads((root / "shards" / "msrvtt" / f"{s}.json").read_text())["totals"]
               for s in ("train", "val", "test")}
-    assert (totals["train"]["samples"], totals["val"]["samples"], totals["test"]["samples"]) == (5, 500, 3)
+    assert (totals["train"]["samples"], totals["val"]["samples"], totals["test"]["samples"]) == (5, 500, 20)
     assert totals["val"]["shards"] == 3 and totals["train"]["captions"] == 10
+
+
+def test_the_msrvtt_node_commands_on_a_fake_tree(msrvtt):
+    """The README's one-node MSR-VTT training and evaluation, then the docs' training command (the same run:
+    it finds the run finished) and upstream's --exp_name/--load_epoch evaluation, on 2 CPU ranks."""
+    root, env = msrvtt
+    shared = root / "shared"
+    readme = [c for c in commands(block_with(os.path.join(REPO, "README.md"), "--source msrvtt"))
+              if c.startswith("deepspeed ")]
+    train_doc = commands(block_with(os.path.join(REPO, "docs", "training.md"), "--preset msrvtt"))
+    eval_doc = [c for c in commands(block_with(os.path.join(REPO, "docs", "evaluation.md"), "--load_epoch"))
+                if "--load_epoch" in c]
+    assert [c.split()[3] for c in readme] == ["launch/train.py", "launch/eval.py"] and len(eval_doc) == 1
+    for command in readme + train_doc + eval_doc:
+        p = run_block(on_this_machine(command, shared), root, env)
+        info = [ln for ln in (p.stdout + p.stderr).splitlines() if "[INFO]" in ln]
+        # the ranks log none; the launcher's own lines stay unless `deepspeed --log_level warning`
+        assert all("[runner.py:" in ln or "[launch.py:" in ln for ln in info), info
+    run = root / "outputs" / "MSR-VTT-9k"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["epoch"] == 5 and summary["best"]["step"] is not None
+    results = json.loads((run / "eval_results.json").read_text())
+    assert results["num_videos"] == 20 and results["num_texts"] == 20 and results["dsl"] is True
+
+
+def test_the_upstream_checkpoint_command_on_a_fake_tree(msrvtt):
+    """docs/evaluation.md's evaluation of a released upstream .pth, verbatim but for /shared/: a checkpoint with
+    upstream's key names, stale buffers and 0-dim logit_scale, on the tiny CLIP in /shared."""
+    import torch
+    from transformers import CLIPModel
+
+    root, env = msrvtt
+    clip = CLIPModel.from_pretrained(root / "shared" / "clip-vit-base-patch32")
+    g = torch.Generator().manual_seed(0)
+    D, F = clip.config.projection_dim, 12  # the default --num_frames
+
+    def near(*shape):
+        return (torch.eye(*shape) if len(shape) == 2 else torch.ones(shape)) + 0.1 * torch.randn(*shape, generator=g)
+
+    state = {f"clip.{k}": v for k, v in clip.state_dict().items()}
+    state["clip.vision_model.embeddings.position_ids"] = torch.arange(5).unsqueeze(0)  # stale, as upstream's
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj", "linear_proj"):
+        prefix = f"pool_frames.{'cross_attn.' if name != 'linear_proj' else ''}{name}"
+        state[f"{prefix}.weight"], state[f"{prefix}.bias"] = near(D, D), 0.1 * torch.randn(D, generator=g)
+    for i in (1, 2, 3):
+        state[f"pool_frames.layer_norm{i}.weight"], state[f"pool_frames.layer_norm{i}.bias"] = near(D), near(D) - 1
+    state["stochastic.std_branch.linear_proj.weight"] = near(D, F)
+    state["stochastic.std_branch.linear_proj.bias"] = 0.1 * torch.randn(D, generator=g)
+    state["stochastic.std_branch.learnable_scalar"] = torch.empty(1)
+    torch.save({"epoch": 5, "state_dict": state}, root / "model_best.pth")
+    (command,) = [c for c in commands(block_with(os.path.join(REPO, "docs", "evaluation.md"), "model_best.pth"))
+                  if "model_best.pth" in c]
+    p = run_block(command.replace("/shared/", f"{root / 'shared'}/"), root, env)
+    assert "t2v" in p.stdout
+    results = json.loads((root / "model_best_eval_results.json").read_text())
+    assert results["model"]["kind"] == "upstream" and results["num_videos"] == 20 and results["trials"] == 20
+
+
+def test_the_synthetic_corpus_command(tmp_path):
+    """docs/data.md's synthetic corpus (the demo's), verbatim: 1,000 / 100 / 200 videos of 5 captions."""
+    (command,) = [c for c in commands(block_with(os.path.join(REPO, "docs", "data.md"), "--source synthetic"))
+                  if "--source synthetic" in c]
+    run_block(command, tmp_path, clean_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]))
+    totals = {s: json.loads((tmp_path / "data" / "synthetic" / f"{s}.json").read_text())["totals"]
+              for s in ("train", "val", "test")}
+    assert [(t["samples"], t["captions"]) for t in totals.values()] == [(1000, 5000), (100, 500), (200, 1000)]
+
+
+def test_the_lsmdc_and_didemo_shard_commands_on_fake_trees(tmp_path):
+    """docs/data.md's LSMDC and DiDeMo commands, verbatim, on two videos per split in each dataset's own layout:
+    LSMDC16's tab-separated files with {movie}/{clip_id}.avi, DiDeMo's csv with videos of mixed extensions."""
+    clip = make_clip(32, 32, fps=3, seconds=1)
+    lsmdc, didemo = tmp_path / "data" / "LSMDC", tmp_path / "data" / "DiDeMo"
+    (lsmdc / "videos" / "1001_Flight").mkdir(parents=True)
+    (didemo / "videos").mkdir(parents=True)
+    lsmdc_files = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.csv",
+                   "test": "LSMDC16_challenge_1000_publictect.csv"}
+    for k, (split, name) in enumerate(lsmdc_files.items()):
+        lines = []
+        for i in range(2):
+            cid = f"1001_Flight_0{k}.00.{i:02d}.000-0{k}.00.{i:02d}.500"
+            (lsmdc / "videos" / "1001_Flight" / f"{cid}.avi").write_bytes(clip)
+            t0, t1 = cid[12:].split("-")
+            lines.append("\t".join([cid, t0, t1, t0, t1, f"SOMEONE does thing {i} in {split}."]))
+        (lsmdc / name).write_text("\n".join(lines) + "\n")
+        with open(didemo / f"didemo_{split}_label.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["success", "video_path", "starts", "ends", "text", "formatted_data"])
+            for i, ext in enumerate(("m4v", "avi")):
+                (didemo / "videos" / f"{split}{i}@N0{k}_{i}.{ext}").write_bytes(clip)
+                w.writerow(["True", f"/x/all_videos/{split}{i}@N0{k}_{i}.{ext}", "tensor([[0]])", "tensor([[31]])",
+                            f"a man walks. then he sits in {split} video {i}.", f"/x/{split}_data_id_{i}.pth"])
+    env = clean_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    block = commands(block_with(os.path.join(REPO, "docs", "data.md"), "--source lsmdc"))
+    for source in ("lsmdc", "didemo"):
+        (command,) = [c for c in block if c.startswith(f"tmass-build-shards --source {source} ")]
+        run_block(command, tmp_path, env)
+        for split in ("train", "val", "test"):
+            totals = json.loads((tmp_path / "shards" / source / f"{split}.json").read_text())["totals"]
+            assert totals["samples"] == 2, (source, split, totals)
+
+
+def test_the_demo_script_with_compare_on_a_small_corpus(tmp_path):
+    """launch/demo.sh --compare, the README's first command, on a corpus of 48 train videos for one epoch (its
+    DATA, OUT and EPOCHS settings; the other arguments go to the shard builder): both runs, their table, the
+    curves, and no DeepSpeed INFO line."""
+    env = clean_env(DATA=str(tmp_path / "data"), OUT=str(tmp_path / "out"), EPOCHS="1",
+                    PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    p = subprocess.run(["bash", os.path.join(REPO, "launch", "demo.sh"), "--compare", "--num_train", "48",
+                        "--num_val", "8", "--num_test", "16"], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    table = p.stdout[p.stdout.index("held-out test"):].splitlines()
+    assert [ln.split("  ")[0] for ln in table[1:5]] == ["T-MASS t2v", "T-MASS v2t", "X-Pool baseline t2v",
+                                                      "X-Pool baseline v2t"]
+    for run, trials in (("demo", 8), ("demo_xpool", 0)):
+        results = json.loads((tmp_path / "out" / run / "test_results.json").read_text())
+        assert results["num_videos"] == 16 and results["trials"] == trials
+    assert (tmp_path / "out" / "demo" / "curves.png").stat().st_size > 1000
+    assert "[INFO]" not in p.stdout + p.stderr
 
 
 @pytest.mark.parametrize("path", DOCS, ids=os.path.basename)

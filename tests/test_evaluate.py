@@ -71,8 +71,8 @@ def test_scores_against_a_triple_loop(noise, prior):
 
 
 def test_deterministic_text_scores():
-    model, enc = tiny(), random_set()
-    got = scores_of(model, enc, torch.arange(7), EvalConfig(deterministic_text=True), 24)
+    model, enc = tiny(deterministic_text=True), random_set()
+    got = scores_of(model, enc, torch.arange(7), EvalConfig(), 24)
     sd = head_state(model)
     for j in range(7):
         for i in range(4):
@@ -204,7 +204,7 @@ def test_upstream_protocol_with_deterministic_text_is_upstreams_procedure(dsl):
     """--eval_protocol upstream --deterministic_text (the X-Pool baseline): upstream's selection and scoring with
     one trial of zero noise, sims[j, i] = cos(t_j, psi(v_i | t_i)), as a float64 loop, N = 20 (even: MdR is a
     mean of two ranks), with and without DSL (numpy's softmax over the queries)."""
-    model = tiny()
+    model = tiny(deterministic_text=True)
     g = torch.Generator().manual_seed(11)
     n = 20
     enc = Encoded(torch.randn(n, D, generator=g), torch.randn(n, F, D, generator=g), torch.arange(n),
@@ -216,12 +216,12 @@ def test_upstream_protocol_with_deterministic_text_is_upstreams_procedure(dsl):
         e = np.exp(100 * (sims - sims.max(axis=0, keepdims=True)))
         sims = sims * e / e.sum(axis=0, keepdims=True)
     want_t2v, want_v2t = upstream_t2v_v2t_by_loops(sims)
-    got = rank_all(model, enc, EvalConfig(deterministic_text=True, eval_protocol="upstream", dsl=dsl), 24)
+    got = rank_all(model, enc, EvalConfig(eval_protocol="upstream", dsl=dsl), 24)
     assert got["leaky"] and "LEAKY" in got["protocol"] and got["trials"] == 0
     for name, want in (("t2v", want_t2v), ("v2t", want_v2t)):
         for k, v in want.items():
             assert got[name][k] == pytest.approx(v, abs=1e-9), (name, k, got[name][k], v)
-    free = rank_all(model, enc, EvalConfig(deterministic_text=True, dsl=dsl), 24)
+    free = rank_all(model, enc, EvalConfig(dsl=dsl), 24)
     assert free["t2v"] != got["t2v"]  # the leak changes the numbers
 
 
@@ -277,19 +277,44 @@ def test_world_sizes_and_chunks_give_identical_metrics(synthetic_shards, exporte
     assert r["skipped"]["ok"] == 7
 
 
+def test_deterministic_evaluation_of_a_t_mass_model(synthetic_shards, exported, tmp_path):
+    """--deterministic_text at evaluation scores a T-MASS model with t alone: no trials, so the scores do not
+    move with the seed or the number of trials, where the stochastic scores do."""
+    from tmass.config import parse_config
+    from tmass.evaluate import run
+
+    def sims(*flags):
+        path = tmp_path / f"s{len(list(tmp_path.iterdir()))}.npy"
+        r = run(parse_config(["--checkpoint", str(exported), "--test_shards", str(synthetic_shards / "test-*.tar"),
+                              "--num_workers", "0", "--results", str(tmp_path / "r.json"), "--save_sims", str(path),
+                              *flags]))
+        return r, np.load(path)
+
+    r1, a = sims("--deterministic_text", "--seed", "1", "--stochastic_trials", "2")
+    r2, b = sims("--deterministic_text", "--seed", "2", "--stochastic_trials", "5")
+    assert r1["deterministic_text"] and r1["trials"] == 0 and np.array_equal(a, b)
+    r3, c = sims("--seed", "1", "--stochastic_trials", "2")
+    r4, d = sims("--seed", "2", "--stochastic_trials", "2")
+    assert not r3["deterministic_text"] and r3["trials"] == 2 and not np.array_equal(c, d)
+    assert a.shape == c.shape == (21, 7)
+
+
 def test_eval_cli_errors(synthetic_shards, exported, tmp_path):
+    from _procs import clean_env
+
+    env = clean_env(DS_ACCELERATOR="cpu", PYTHONPATH=REPO)  # not this process's MASTER_PORT, which it holds
     p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", str(exported),
                         "--test_shards", str(synthetic_shards / "test-000000.tar"), "--eval_protocol", "upstream",
                         "--input_res", "32", "--num_workers", "0", "--results", str(tmp_path / "r.json")],
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert p.returncode != 0 and "one caption per video" in p.stderr
     p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", str(exported),
                         "--test_shards", str(synthetic_shards / "test-000000.tar"), "--num_frames", "6",
-                        "--input_res", "32"], capture_output=True, text=True, timeout=300, cwd=REPO)
+                        "--input_res", "32"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert p.returncode != 0 and "--num_frames 6 (the checkpoint has 4)" in p.stderr
     p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", str(exported),
                         "--test_shards", str(synthetic_shards / "test-000000.tar"), "--input_res", "64"],
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert p.returncode != 0 and f"--input_res 64, but the model ({exported}) takes 32 x 32 frames" in p.stderr
 
 

@@ -70,3 +70,22 @@ def test_two_nodes_train_what_one_node_trains(synthetic_shards, tmp_path):
             assert not set(samples[(step, 0)]) & set(samples[(step, 1)])  # each node its own share
         for k in ref_state:
             assert torch.equal(state[k], ref_state[k]), (exp, k)
+
+
+def test_a_lone_process_takes_another_port_when_its_free_port_is_taken():
+    """A plain `python launch/...` picks a free port for its one-rank group; when another process takes it first
+    (the race of every free-port pick), dist.init takes another instead of failing."""
+    code = """
+import socket
+import tmass.dist as d
+busy = socket.socket(); busy.bind(("127.0.0.1", 0)); busy.listen()
+ports = [busy.getsockname()[1]]
+real = d._free_port
+d._free_port = lambda: ports.pop(0) if ports else real()
+info = d.init()
+import os
+print(info.world, os.environ["MASTER_PORT"] != str(busy.getsockname()[1]))
+"""
+    env = clean_env(DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.split()[-2:] == ["1", "True"], p.stdout + p.stderr[-3000:]

@@ -2,6 +2,7 @@
 and hanging inputs, and exact resume."""
 import glob
 import json
+import os
 import random
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 import webdataset as wds
 
 from _media import make_clip, undecodable_clip
+from tmass.errors import ConfigError
 from tmass.data.shardlist import expand_shards, manifest_counts, samples_per_epoch
 from tmass.data.stream import (DataConfig, EvalStream, SkipStats, StreamPosition, TooManyBadSamples,
                                TrainStream, check_bad_fraction, make_loader, reader_assignment)
@@ -25,9 +27,11 @@ def shards(root, split):
     return sorted(glob.glob(str(root / f"{split}-*.tar")))
 
 
+FRAMES, SEED = 4, 1  # the model's frames per video and the run's seed, as train() passes them
+
+
 def cfg(**kw):
-    base = dict(num_frames=4, input_res=32, batch_size=3, num_workers=0, shuffle_buffer=8, shuffle_initial=4,
-                decode_timeout=5.0, seed=1)
+    base = dict(input_res=32, num_workers=0, shuffle_buffer=8, shuffle_initial=4, decode_timeout=5.0)
     return DataConfig(**(base | kw))
 
 
@@ -109,6 +113,15 @@ def test_urls_and_manifest_counts(synthetic_shards):
     assert samples_per_epoch(urls, "random") == 20 and samples_per_epoch(urls, "pairs") == 60
     both = expand_shards(spec + "::" + str(synthetic_shards / "val-000000.tar"))
     assert len(both) == 5
+    # a wildcard: the files it matches, sorted (glob's own order is the directory's); the brace range's list
+    assert expand_shards(str(synthetic_shards / "train-*.tar")) == [
+        str(synthetic_shards / f"train-{i:06d}.tar") for i in range(4)]
+    assert expand_shards(str(synthetic_shards / "t*-00000[01].tar")) == [
+        str(synthetic_shards / n) for n in ("test-000000.tar", "test-000001.tar", "train-000000.tar",
+                                            "train-000001.tar")]
+    with pytest.raises(ConfigError, match="no shards match .*trian-"):
+        expand_shards(str(synthetic_shards / "trian-*.tar"))
+    assert expand_shards("pipe:cat x-*.tar") == ["pipe:cat x-*.tar"]  # a command's wildcard is the shell's
     with pytest.raises(FileNotFoundError, match="--train_num_samples"):
         manifest_counts(["pipe:cat x.tar"])
 
@@ -172,7 +185,7 @@ def test_eval_stream_is_exactly_once_in_a_deterministic_order(synthetic_shards, 
     tok = load_tokenizer(str(synthetic_shards / "tokenizer"))
     got = []
     for rank in range(world):
-        ds = EvalStream(urls, cfg(num_workers=workers), tok, batch_size=2, rank=rank, world=world)
+        ds = EvalStream(urls, cfg(num_workers=workers), tok, 2, num_frames=FRAMES, rank=rank, world=world)
         for b in make_loader(ds, workers):
             assert b["video"].dtype == torch.uint8 and b["video"].shape[1:] == (4, 3, 32, 32)
             assert b["input_ids"].shape[0] == len(b["text_video"]) == 3 * len(b["keys"])  # all captions kept
@@ -183,10 +196,10 @@ def test_eval_stream_is_exactly_once_in_a_deterministic_order(synthetic_shards, 
 
 
 # ----------------------------------------------------------------------------- training: equal counts, resume
-def train_batches(root, n, rank=0, world=1, workers=0, position=None, **kw):
+def train_batches(root, n, rank=0, world=1, workers=0, position=None, batch_size=3, **kw):
     tok = load_tokenizer(str(root / "tokenizer"))
-    ds = TrainStream(shards(root, "train"), cfg(num_workers=workers, **kw), tok, n, rank=rank, world=world,
-                     position=position)
+    ds = TrainStream(shards(root, "train"), cfg(num_workers=workers, **kw), tok, n, batch_size=batch_size,
+                     num_frames=FRAMES, seed=SEED, rank=rank, world=world, position=position)
     return list(make_loader(ds, workers))
 
 
@@ -217,8 +230,8 @@ def epoch_keys(root, urls, world, workers, micro, sampling="shuffled", buffer=8,
     tok = load_tokenizer(str(root / "tokenizer"))
     out = []
     for rank in range(world):
-        ds = TrainStream(urls, cfg(num_workers=workers, batch_size=micro, shard_sampling=sampling,
-                                   shuffle_buffer=buffer), tok, steps, rank=rank, world=world,
+        ds = TrainStream(urls, cfg(num_workers=workers, shard_sampling=sampling, shuffle_buffer=buffer), tok, steps,
+                         batch_size=micro, num_frames=FRAMES, seed=SEED, rank=rank, world=world,
                          position=StreamPosition(epoch=epoch, streams=max(1, workers)))
         out.append([b["keys"] for b in make_loader(ds, workers)])
     return n, steps, out
@@ -286,11 +299,28 @@ def hanging_decode(data, *a, **kw):
     return decode_frames(data, *a, **kw)
 
 
+class ParentPid(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.tensor([os.getppid()])
+
+
+def test_loader_workers_are_not_forked_from_the_trainer():
+    """The trainer runs threads (TensorBoard, the run lock, the launcher watch, queue feeders); a worker forked
+    from it can block for ever in os.fork's child. Workers come from a single-threaded forkserver instead."""
+    import threading
+
+    busy = threading.Thread(target=time.sleep, args=(5,), daemon=True)
+    busy.start()
+    (parent,) = [int(b) for b in make_loader(ParentPid(), 1)]
+    assert parent != os.getpid()
+    assert [int(b) for b in make_loader(ParentPid(), 1)] == [parent]  # the same server, every epoch
+
+
 def test_bad_and_hanging_samples_are_skipped_and_counted(tmp_path, synthetic_shards):
     write_bad_shard(tmp_path / "bad-000000.tar")
     tok = load_tokenizer(str(synthetic_shards / "tokenizer"))
     t = time.time()
-    ds = EvalStream([str(tmp_path / "bad-000000.tar")], cfg(decode_timeout=0.5), tok, batch_size=8,
+    ds = EvalStream([str(tmp_path / "bad-000000.tar")], cfg(decode_timeout=0.5), tok, 8, num_frames=FRAMES,
                     decode=hanging_decode)
     (batch,) = list(make_loader(ds, 0))
     assert time.time() - t < 15
@@ -322,7 +352,7 @@ def test_a_training_stream_with_no_good_sample_stops_with_the_shards_named(tmp_p
             pass
         kw, shown = dict(stall_skips=0, stall_seconds=2.0), "no samples at all.*train-000000.tar"
     t = time.time()
-    ds = TrainStream([url], cfg(**kw), tok, 3)
+    ds = TrainStream([url], cfg(**kw), tok, 3, batch_size=3, num_frames=FRAMES, seed=SEED)
     with pytest.raises(StreamStalled, match=shown):
         list(make_loader(ds, 0))
     assert time.time() - t < 30

@@ -43,7 +43,8 @@ log = logging.getLogger("tmass.checkpoint")
 META = "tmass_meta.json"
 PARTIAL = ".partial-"
 # The evaluation settings that a run validates with, and that launch/eval.py takes from the run by default.
-EVAL_SETTINGS = ("stochastic_trials", "trial_noise", "eval_protocol", "dsl", "deterministic_text")
+# (Whether the text mass is used is the model's own setting, deterministic_text, and comes with the model.)
+EVAL_SETTINGS = ("stochastic_trials", "trial_noise", "eval_protocol", "dsl")
 
 
 class NoCheckpoint(DataError, FileNotFoundError):
@@ -297,8 +298,14 @@ def model_tag(ckpt_dir: str, tag: str | None) -> str:
 
 
 def run_config(run: str) -> Config:
-    with open(os.path.join(run, "config.json")) as f:
-        return Config.from_dict(json.load(f))
+    path = os.path.join(run, "config.json")
+    try:
+        with open(path) as f:
+            return Config.from_dict(json.load(f))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointMismatch(f"{path} is not a config this version of tmass reads ({type(e).__name__}: "
+                                 f"{str(e)[:200]}); evaluate the run with the tmass that trained it, or export it "
+                                 f"there (tmass-export)") from None
 
 
 def consolidated_state(path: str, tag: str | None = None) -> tuple[Config, dict, str, dict]:
@@ -325,7 +332,7 @@ def load_from_run(path: str, tag: str | None = None) -> tuple[TMASS, dict]:
     load_state_strict(model, state, path)
     info = {"kind": "run", "run": run, "tag": meta["tag"], "step": meta["step"],
             "epoch": meta["step"] // meta["steps_per_epoch"],  # epochs completed
-            "eval_settings": {k: getattr(cfg.eval, k) for k in EVAL_SETTINGS} | {"seed": cfg.data.seed}}
+            "eval_settings": {k: getattr(cfg.eval, k) for k in EVAL_SETTINGS} | {"seed": cfg.seed}}
     return model, info
 
 

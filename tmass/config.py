@@ -1,10 +1,14 @@
 """Every option of tmass in one dataclass tree, and its command line.
 
-    Config
-      model  ModelConfig   the network (docs/method.md)
+    Config         seed: the weights, the data order and every noise stream
+      model  ModelConfig   the network (docs/method.md), frames per video and the text mass included
       data   DataConfig    shards -> batches
       eval   EvalConfig    the sharded, leak-free evaluation
-      train  TrainConfig   optimisation, checkpoints, logs
+      train  TrainConfig   optimisation (the global batch), checkpoints, logs
+
+Every setting has one owner, and every section is frozen: what follows the model (the frame size, a loaded
+run's settings) is set by building a new Config (`Config.resolve`, `dataclasses.replace`), never by writing
+into one.
 
 Flags are the field names (`--num_frames`, `--noclip_lr`, `--support_loss_weight`, ...), so upstream T-MASS
 command lines carry over; `--stochasic_trials` (upstream's spelling) and `--DSL` are aliases. Defaults follow the
@@ -47,7 +51,7 @@ def _check_choices(obj) -> None:
             raise ConfigError(f"--{f.name} must be one of {', '.join(map(str, choices))}, not {getattr(obj, f.name)!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """The network (docs/method.md)."""
 
@@ -65,7 +69,8 @@ class ModelConfig:
                               choices=SUPPORT_CENTERS)
     grad_checkpointing: bool = opt(False, "activation checkpointing of both CLIP towers (less memory)", use=TRAIN)
     compile: bool = opt(False, "torch.compile each CLIP encoder layer (ZeRO stages 0-2)", use=TRAIN)
-    deterministic_text: bool = opt(False, "the X-Pool baseline: train and score with t alone, no text mass")
+    deterministic_text: bool = opt(False, "the X-Pool baseline: train and score with t alone, no text mass; "
+                                          "in evaluation, also scores a T-MASS model without its text mass")
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -73,17 +78,15 @@ class ModelConfig:
                 (0.0 <= self.transformer_dropout < 1.0, "--transformer_dropout must be in [0, 1)")])
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
-    """Shards -> batches."""
+    """Shards -> batches (the frames per video are the model's --num_frames)."""
 
-    num_frames: int = opt(12, "(set from the model's)")
     video_sample_type: str = opt("uniform", "which frames: the middle of each segment, or a random one",
                                  choices=("uniform", "rand"))
     input_res: int = opt(224, "frame size; follows the CLIP's image size unless given")
     crop_scale_min: float = opt(0.5, "RandomResizedCrop's smallest area fraction in training", use=TRAIN)
     hflip_prob: float = opt(0.5, "probability of a horizontal flip of a training clip", use=TRAIN)
-    batch_size: int = opt(32, "the global batch (all ranks); the DeepSpeed JSON may set it instead", use=TRAIN)
     num_workers: int = opt(2, "data loader worker processes per rank")
     caption_sampling: str = opt("random", "a random caption each time a video is seen, or one sample per "
                                           "(video, caption) pair as upstream", use=TRAIN, choices=("random", "pairs"))
@@ -97,23 +100,21 @@ class DataConfig:
                            use=TRAIN)
     stall_seconds: float = opt(600.0, "stop a training stream that gets no good sample for this long (0: off)",
                                use=TRAIN)
-    seed: int = opt(24, "seeds the weights, the data order and every noise stream")
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        _check([(self.num_frames >= 1, "--num_frames must be at least 1"),
-                (self.batch_size >= 1, "--batch_size must be at least 1"),
-                (self.num_workers >= 0, "--num_workers must be 0 or more"),
+        _check([(self.num_workers >= 0, "--num_workers must be 0 or more"),
                 (0 <= self.max_bad_fraction <= 1, "--max_bad_fraction must be in [0, 1]"),
                 (self.stall_skips >= 0 and self.stall_seconds >= 0, "--stall_skips and --stall_seconds must be "
                                                                      "0 (off) or more")])
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """The sharded, leak-free evaluation (and validation during training)."""
 
-    test_shards: str | None = opt(None, "webdataset URLs of the test split, e.g. 'shards/test-{000000..000004}.tar'",
+    test_shards: str | None = opt(None, "the test split's shards: a wildcard ('shards/msrvtt/test-*.tar': every "
+                                        "shard it matches) or webdataset URLs ('test-{000000..000004}.tar')",
                                   use=EVAL)
     checkpoint: str | None = opt(None, "a training run directory, an exported directory, or an upstream .pth",
                                  use=EVAL)
@@ -131,7 +132,6 @@ class EvalConfig:
                             choices=("auto", "yes", "no"))
     eval_protocol: str = opt("leakfree", "leakfree, or upstream: the leaky score of the upstream code, only to "
                                          "compare with published numbers", choices=("leakfree", "upstream"))
-    deterministic_text: bool = opt(False, "score with t alone (the X-Pool baseline)")
     dsl: bool = opt(False, "dual softmax over the queries (transductive; alias --DSL)")
     save_sims: str | None = opt(None, "write the full [N_t, N_v] score matrix to this .npy", use=EVAL)
     eval_batch_size: int = opt(32, "videos per encoding batch")
@@ -145,11 +145,12 @@ class EvalConfig:
                 (self.eval_chunk >= 1, "--eval_chunk must be at least 1")])
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, checkpoints, logs."""
 
-    train_shards: str | None = opt(None, "webdataset URLs of the training split (build them with "
+    train_shards: str | None = opt(None, "the training split's shards: a quoted wildcard "
+                                         "('shards/msrvtt/train-*.tar') or webdataset URLs (build them with "
                                          "tmass-build-shards)", use=TRAIN)
     val_shards: str | None = opt(None, "URLs of the validation split: selects the best checkpoint (never the "
                                        "test split)", use=TRAIN)
@@ -159,6 +160,10 @@ class TrainConfig:
                                        use=TRAIN)
     output_dir: str = opt("./outputs", "where runs live: {output_dir}/{exp_name}")
     exp_name: str = opt("tmass", "the run's name; relaunching the same name resumes it")
+    global_batch_size: int = opt(32, "pairs per optimiser step over all ranks (alias --batch_size, upstream's "
+                                     "name); a number in the DeepSpeed JSON's train_batch_size must agree. Each "
+                                     "rank's micro batch is global / (ranks x gradient_accumulation_steps)",
+                                 use=TRAIN)
     num_epochs: int = opt(5, "epochs", use=TRAIN)
     max_steps: int | None = opt(None, "stop after this many optimiser steps", use=TRAIN)
     clip_lr: float = opt(1e-6, "learning rate of the CLIP towers", use=TRAIN)
@@ -178,7 +183,8 @@ class TrainConfig:
     local_rank: int = opt(-1, "(set by the deepspeed launcher)")
 
     def __post_init__(self) -> None:
-        _check([(self.num_epochs >= 1, "--num_epochs must be at least 1"),
+        _check([(self.global_batch_size >= 1, "--global_batch_size (--batch_size) must be at least 1"),
+                (self.num_epochs >= 1, "--num_epochs must be at least 1"),
                 (0 <= self.warmup_proportion < 1, "--warmup_proportion must be in [0, 1)"),
                 (self.keep_last >= 1, "--keep_last must be at least 1"),
                 (self.log_step >= 1, "--log_step must be at least 1 (log every N optimiser steps)"),
@@ -186,8 +192,9 @@ class TrainConfig:
                 (self.save_every_steps >= 1, "--save_every_steps must be at least 1")])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    seed: int = opt(24, "seeds the weights, the data order and every noise stream")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -198,6 +205,13 @@ class Config:
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "explicit"}
 
+    def replace(self, **sections) -> "Config":
+        """A new Config with whole sections or fields of a section replaced: replace(model=m),
+        replace(eval={"dsl": True}), replace(seed=3)."""
+        new = {k: dataclasses.replace(getattr(self, k), **v) if isinstance(v, dict) else v
+               for k, v in sections.items()}
+        return dataclasses.replace(self, **new)
+
     def check_model(self, loaded: "ModelConfig", source: str) -> None:
         """A checkpoint carries its own architecture; an architecture flag given explicitly must agree with it."""
         wrong = [f"--{k} {getattr(self.model, k)} (the checkpoint has {getattr(loaded, k)})"
@@ -207,25 +221,27 @@ class Config:
             raise ConfigError(f"{source} does not match the flags: {'; '.join(wrong)}. Drop those flags "
                              f"or pass the checkpoint's values.")
 
-    def follow_image_size(self, size: int, source: str) -> None:
-        """Frames come at the CLIP's image size: taken from it, unless --input_res is given, and then it must
-        agree."""
-        if "input_res" in self.explicit and self.data.input_res != size:
-            raise ConfigError(f"--input_res {self.data.input_res}, but {source} takes {size} x {size} frames; "
-                             f"drop --input_res or pass {size}")
-        self.data.input_res = size
+    def resolve(self, image_size: int, source: str) -> "Config":
+        """The config a run uses, once the CLIP is known: frames at its image size, taken from it unless
+        --input_res is given, and then it must agree."""
+        if "input_res" in self.explicit and self.data.input_res != image_size:
+            raise ConfigError(f"--input_res {self.data.input_res}, but {source} takes {image_size} x {image_size} "
+                              f"frames; drop --input_res or pass {image_size}")
+        return self.replace(data={"input_res": image_size})
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        return cls(**{name: SECTIONS[name](**d[name]) for name in SECTIONS}, preset=d.get("preset"))
+        return cls(**{name: SECTIONS[name](**d[name]) for name in SECTIONS}, preset=d.get("preset"),
+                   **{name: d[name] for name in TOP if name in d})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig, "train": TrainConfig}
-ALIASES = {"stochasic_trials": "stochastic_trials", "DSL": "dsl", "num_frame": "num_frames"}
-SHARED = {"num_frames": ("model", "data"), "deterministic_text": ("model", "eval")}  # one flag, several sections
+TOP = ("seed",)  # the settings of Config itself, beside its sections
+ALIASES = {"stochasic_trials": "stochastic_trials", "DSL": "dsl", "num_frame": "num_frames",
+           "batch_size": "global_batch_size"}
 
 # Per-dataset values of the upstream README.
 PRESETS: dict[str, dict[str, typing.Any]] = {
@@ -267,13 +283,12 @@ UPSTREAM_ERRORS = {
 
 
 def _type_of(f: dataclasses.Field):
-    hint = typing.get_type_hints(SECTIONS[_owner[f.name]])[f.name]
+    hint = typing.get_type_hints(SECTIONS.get(_owner[f.name], Config))[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
 
-_owner = {f.name: sec for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-_owner.update(num_frames="model", deterministic_text="model")
+_owner = {f.name: sec for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)} | {n: None for n in TOP}
 REQUIRED = {TRAIN: {"deepspeed_config": "e.g. ds_configs/zero2_bf16.json on GPUs, ds_configs/cpu_fp32.json on CPUs",
                     "train_shards": "the shards of the training split (tmass-build-shards writes them)"},
             EVAL: {"test_shards": "the shards of the test split (tmass-build-shards writes them)"}}
@@ -315,13 +330,11 @@ def build_parser(prog: str, mode: str = BOTH) -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), help="per-dataset values of the upstream README")
     p.add_argument("--dataset_name", choices=sorted(DATASET_NAMES), help="upstream's flag: the same as --preset")
     p.add_argument("--config", help="a resolved config JSON (a run writes one beside its checkpoints)")
-    seen = set()
-    for sec, cls in SECTIONS.items():
-        g = p.add_argument_group(sec, (cls.__doc__ or "").strip())
-        for f in dataclasses.fields(cls):
-            if f.name in seen:
-                continue
-            seen.add(f.name)
+    groups = [("run", "The whole run.", [f for f in dataclasses.fields(Config) if f.name in TOP])]
+    groups += [(sec, (cls.__doc__ or "").strip(), dataclasses.fields(cls)) for sec, cls in SECTIONS.items()]
+    for sec, doc, fields in groups:
+        g = p.add_argument_group(sec, doc)
+        for f in fields:
             names = [f"--{f.name}"] + [f"--{a}" for a, t in ALIASES.items() if t == f.name]
             shown = mode == BOTH or f.metadata.get("use", BOTH) in (BOTH, mode)
             default = f.default if f.default is not dataclasses.MISSING else None
@@ -354,16 +367,18 @@ def parse_config(argv: list[str] | None = None, prog: str = "tmass", mode: str =
         other = sorted(n for n in args if n in _owner and _field(n).metadata.get("use", BOTH) not in (BOTH, mode))
         if other:
             notes.append(f"{', '.join('--' + n for n in other)} (not used by {prog})")
-    base = {sec: {} for sec in SECTIONS}
+    base: dict = {sec: {} for sec in SECTIONS}
     if "config" in args:
         with open(args.pop("config")) as f:
-            base = {k: v for k, v in json.load(f).items() if k in SECTIONS}
+            base = {k: v for k, v in json.load(f).items() if k in SECTIONS or k in TOP}
     preset = args.pop("preset", None) or DATASET_NAMES.get(args.pop("dataset_name", None) or "")
     values = dict(PRESETS.get(preset, {})) if preset else {}
     values.update(args)
     for name, value in values.items():
-        for sec in SHARED.get(name, (_owner[name],)):
-            base.setdefault(sec, {})[name] = value
+        if _owner[name] is None:
+            base[name] = value
+        else:
+            base.setdefault(_owner[name], {})[name] = value
     if mode != BOTH:  # after --config, which may carry them
         problems += [f"--{name} is required: {what}" for name, what in REQUIRED[mode].items()
                      if base.get(_owner[name], {}).get(name) is None]
@@ -373,7 +388,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "tmass", mode: str =
         print(f"note: ignored: {'; '.join(notes)}", file=sys.stderr)
     try:
         return Config(**{sec: cls(**base.get(sec, {})) for sec, cls in SECTIONS.items()}, preset=preset,
-                      explicit=frozenset(args))
+                      explicit=frozenset(args), **{name: base[name] for name in TOP if name in base})
     except ConfigError:
         raise
     except ValueError as e:  # a value of the wrong kind in a --config JSON
@@ -381,4 +396,4 @@ def parse_config(argv: list[str] | None = None, prog: str = "tmass", mode: str =
 
 
 def _field(name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(SECTIONS[_owner[name]]) if f.name == name)
+    return next(f for f in dataclasses.fields(SECTIONS.get(_owner[name], Config)) if f.name == name)

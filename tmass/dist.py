@@ -71,7 +71,8 @@ def init(timeout_minutes: int = 30) -> DistInfo:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
+    own_port = "MASTER_PORT" not in os.environ  # a lone process: any free port will do
+    if own_port:
         os.environ["MASTER_PORT"] = str(_free_port())
     if not tdist.is_initialized():
         import deepspeed
@@ -81,8 +82,15 @@ def init(timeout_minutes: int = 30) -> DistInfo:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         from datetime import timedelta
 
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
-                                   timeout=timedelta(minutes=timeout_minutes))
+        for attempt in range(5):
+            try:
+                deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
+                                           timeout=timedelta(minutes=timeout_minutes))
+                break
+            except RuntimeError as e:  # the free port was taken before the store bound it: take another
+                if not own_port or "EADDRINUSE" not in str(e) or attempt == 4:
+                    raise
+                os.environ["MASTER_PORT"] = str(_free_port())
     local = int(os.environ["LOCAL_RANK"])
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     if cuda:
@@ -131,7 +139,7 @@ def launcher_chain(pid: int | None = None) -> list[int]:
 
 def exit_with_launcher(sig: int = 15, every: float = 2.0) -> list[int]:
     """When a launcher above this rank dies (killed alone, its ranks would train on as orphans), send `sig`
-    (SIGTERM: the trainer's handler checkpoints at the end of the step and stops) to this process. The parent
+    (SIGTERM: the trainer's handler checkpoints at the next log step and stops) to this process. The parent
     is watched by the kernel (PR_SET_PDEATHSIG), the launchers above it by a daemon thread. Returns the chain."""
     import ctypes
     import signal

@@ -58,16 +58,17 @@ def prepare_ds_config(cfg: Config, world: int, cuda: bool) -> dict:
                          f"from --warmup_proportion and the run length")
     accum = int(ds.get("gradient_accumulation_steps", 1))
     batch = ds.get("train_batch_size", "auto")
-    explicit = "batch_size" in cfg.explicit
+    given = cfg.train.global_batch_size
     if batch == "auto":
-        batch = cfg.data.batch_size
-    elif explicit and int(batch) != cfg.data.batch_size:
-        raise ConfigError(f"--batch_size {cfg.data.batch_size} contradicts train_batch_size {batch} in "
-                         f"{path}; drop the flag, or set train_batch_size to \"auto\" or {cfg.data.batch_size}")
+        batch = given
+    elif "global_batch_size" in cfg.explicit and int(batch) != given:
+        raise ConfigError(f"--global_batch_size (--batch_size) {given} contradicts train_batch_size {batch} in "
+                          f"{path}; drop the flag, or set train_batch_size to \"auto\" or {given}")
     batch = int(batch)
     if batch % (world * accum):
         raise ConfigError(f"the global batch {batch} is not divisible by world size {world} x gradient "
-                         f"accumulation {accum}; choose a --batch_size that is a multiple of {world * accum}")
+                          f"accumulation {accum}; choose a --global_batch_size (--batch_size) that is a multiple "
+                          f"of {world * accum}")
     micro = batch // (world * accum)
     if ds.get("train_micro_batch_size_per_gpu", "auto") not in ("auto", micro):
         raise ConfigError(f"train_micro_batch_size_per_gpu in {path} should be {micro} "
@@ -123,7 +124,7 @@ def clamp_logit_scale(engine) -> None:
 
     p = engine.module.logit_scale
     master = safe_get_full_fp32_param(p)
-    if master is not None and master.max() > MAX_LOGIT_SCALE:
+    if master is not None:  # unconditional: a test of the value would make the host wait for the device
         safe_set_full_fp32_param(p, master.clamp(max=MAX_LOGIT_SCALE))
     with torch.no_grad():
         p.clamp_(max=MAX_LOGIT_SCALE)

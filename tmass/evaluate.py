@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,8 +147,8 @@ def rank_all(model, enc: Encoded, cfg: EvalConfig, seed: int) -> dict:
     return {
         "t2v": metrics_from_ranks(t2v.cpu()), "v2t": metrics_from_ranks(v2t.cpu()),
         "protocol": cfg.eval_protocol + (" (LEAKY: candidates pooled with their own caption)" if leaky else ""),
-        "leaky": leaky, "trials": 0 if cfg.deterministic_text else cfg.stochastic_trials,
-        "trial_noise": cfg.trial_noise, "deterministic_text": cfg.deterministic_text, "dsl": cfg.dsl,
+        "leaky": leaky, "trials": 0 if model.cfg.deterministic_text else cfg.stochastic_trials,
+        "trial_noise": cfg.trial_noise, "deterministic_text": model.cfg.deterministic_text, "dsl": cfg.dsl,
         "seed": seed, "num_texts": n_t, "num_videos": n_v, "world_size": world,
         "compiled": bool(timings.get("compiled")), "first_chunk_s": timings.get("first_chunk_s"),
     }
@@ -210,17 +211,17 @@ def resolve_checkpoint(cfg) -> tuple[str | None, str | None]:
     return path, epoch_tag(checkpoints_dir(path), ev.load_epoch)
 
 
-def adopt_eval_settings(cfg, info: dict) -> list[str]:
-    """The run's validation settings (trials, noise, protocol, DSL, deterministic text, seed) for every one of
-    them not given explicitly; returns the `--flag value` notes of those taken."""
-    taken = []
-    for name, value in (info.get("eval_settings") or {}).items():
-        section = cfg.data if name == "seed" else cfg.eval
-        if name in cfg.explicit or getattr(section, name) == value:
-            continue
-        setattr(section, name, value)
-        taken.append(f"--{name} {value}")
-    return taken
+def adopt_eval_settings(cfg, info: dict) -> tuple:
+    """(cfg with the run's validation settings - trials, noise, protocol, DSL, seed - for every one of them not
+    given explicitly, the `--flag value` notes of those taken)."""
+    from .checkpoint import EVAL_SETTINGS
+
+    taken = {name: value for name, value in (info.get("eval_settings") or {}).items()
+             if name in EVAL_SETTINGS + ("seed",) and name not in cfg.explicit
+             and getattr(cfg if name == "seed" else cfg.eval, name) != value}
+    seed = taken.pop("seed", cfg.seed)
+    notes = [f"--{name} {value}" for name, value in taken.items()] + ([f"--seed {seed}"] if seed != cfg.seed else [])
+    return cfg.replace(eval=taken, seed=seed), notes
 
 
 def check_test_shards(urls: list[str]) -> None:
@@ -260,12 +261,12 @@ def run(cfg) -> dict:
     if cfg.model.clip_path:
         from .model.clip import resolve_clip_path
 
-        cfg.model.clip_path = resolve_clip_path(cfg.model.clip_path)
+        cfg = cfg.replace(model={"clip_path": resolve_clip_path(cfg.model.clip_path)})
     info = dist.init()
-    model, source = model_for(cfg, path, tag, info)
-    stream = EvalStream(urls, cfg.data, tokenizer_for(cfg, path), cfg.eval.eval_batch_size, rank=info.rank,
-                        world=info.world)
-    results = evaluate(model, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.data.seed, info.device,
+    model, source, cfg = model_for(cfg, path, tag, info)
+    stream = EvalStream(urls, cfg.data, tokenizer_for(cfg, path), cfg.eval.eval_batch_size,
+                        num_frames=model.cfg.num_frames, rank=info.rank, world=info.world)
+    results = evaluate(model, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.seed, info.device,
                        max_bad_fraction=cfg.data.max_bad_fraction, progress=info.is_main)
     results["model"] = {k: v for k, v in source.items() if k != "eval_settings"}
     results["checkpoint"] = path
@@ -276,21 +277,22 @@ def run(cfg) -> dict:
 
 
 def model_for(cfg, path: str | None, tag: str | None, info) -> tuple:
-    """The model on this rank's device and what it is; the flags that follow it (frames, image size, the run's
-    validation settings unless given, the baseline's deterministic text) are set in `cfg`."""
+    """(the model on this rank's device, what it is, the config that follows it): the model's own settings
+    (frames, the baseline's deterministic text; --deterministic_text scores a T-MASS model without its mass),
+    its image size, and the run's validation settings unless given."""
     from .checkpoint import load_model
 
     model, source = load_model(cfg.model, path, tag)
     model = model.to(info.device)
     cfg.check_model(model.cfg, path or "the random model")
-    taken = adopt_eval_settings(cfg, source)
+    if cfg.model.deterministic_text and not model.cfg.deterministic_text:
+        model.cfg = dataclasses.replace(model.cfg, deterministic_text=True)
+    cfg, taken = adopt_eval_settings(cfg.replace(model=model.cfg), source)
     if taken and info.is_main:
         print(f"note: evaluating with the settings the run was validated with: {', '.join(taken)} "
               f"(give a flag to override)", file=sys.stderr)
-    cfg.eval.deterministic_text |= model.cfg.deterministic_text  # a baseline trained without the mass
-    cfg.data.num_frames = model.cfg.num_frames
-    cfg.follow_image_size(model.clip.config.vision_config.image_size, f"the model ({path or 'random weights'})")
-    return model, source
+    cfg = cfg.resolve(model.clip.config.vision_config.image_size, f"the model ({path or 'random weights'})")
+    return model, source, cfg
 
 
 def tokenizer_for(cfg, path: str | None):

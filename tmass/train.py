@@ -16,7 +16,6 @@ One optimiser step, per rank, with b = micro batch and B = world * b:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from . import dist
 from . import engine as eng
-from .config import Config, ModelConfig
+from .config import TOP, Config, ModelConfig
 from .data.shardlist import expand_shards, missing_shards, samples_per_epoch
 from .data.stream import (SkipStats, StreamPosition, TrainStream, EvalStream, check_bad_fraction, make_loader)
 from .data.tokenizer import load_tokenizer, resolve_tokenizer
@@ -86,7 +85,7 @@ MAY_CHANGE_ON_RESUME = {
 
 def config_changes(old: dict, new: dict) -> list[str]:
     """`--flag old -> new` for every setting that differs and may not change on resume."""
-    out = []
+    out = [f"--{name} {old[name]} -> {new[name]}" for name in TOP if name in old and old[name] != new[name]]
     for sec, fields in new.items():
         if not isinstance(fields, dict):
             continue
@@ -152,7 +151,7 @@ def gathered_skips(stats: dict[int, dict]) -> dict:
 
 # ------------------------------------------------------------------------------------------- the run
 class Preempted(Exception):
-    """A SIGUSR1/SIGTERM arrived: every rank saved a checkpoint together at the end of the step."""
+    """A SIGUSR1/SIGTERM arrived: every rank saved a checkpoint together at the next log step."""
 
 
 def _install_signal_handlers() -> dict:
@@ -172,8 +171,8 @@ def train(cfg: Config) -> dict:
     run directory's lock while it trains; every rank stops (with a checkpoint) when its launcher dies."""
     ds_config = eng.prepare_ds_config(cfg, eng.world_size_from_env(), torch.cuda.is_available())
     urls = check_inputs(cfg)
-    cfg.follow_image_size(model_image_size(cfg.model),
-                          f"the CLIP ({cfg.model.clip_path or '--clip_arch ' + cfg.model.clip_arch})")
+    cfg = cfg.resolve(model_image_size(cfg.model),
+                      f"the CLIP ({cfg.model.clip_path or '--clip_arch ' + cfg.model.clip_arch})")
     out = ckpt.run_dir(cfg.train.output_dir, cfg.train.exp_name)
     resume_from = check_resume(cfg, out, eng.world_size_from_env())
     lock = None
@@ -200,15 +199,15 @@ class Trainer:
         self.ckpt_dir = os.path.join(out, "checkpoints")
         self.tokenizer = load_tokenizer(resolve_tokenizer(cfg.eval.tokenizer, cfg.model.clip_path,
                                                           cfg.train.train_shards))
-        cfg.data.num_frames = cfg.model.num_frames
-        self.micro, self.accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+        self.micro_batch_size = ds_config["train_micro_batch_size_per_gpu"]  # per rank, per micro-step
+        self.accum = ds_config["gradient_accumulation_steps"]
         n_samples = cfg.train.train_num_samples or samples_per_epoch(urls, cfg.data.caption_sampling)
         self.steps_per_epoch = max(1, math.ceil(n_samples / ds_config["train_batch_size"]))
         self.total_steps = self.steps_per_epoch * cfg.train.num_epochs
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.eval_every = max(1, self.steps_per_epoch // cfg.train.evals_per_epoch)  # validations inside an epoch
-        torch.manual_seed(cfg.data.seed)  # the same initial weights everywhere (DeepSpeed broadcasts rank 0's too)
+        torch.manual_seed(cfg.seed)  # the same initial weights everywhere (DeepSpeed broadcasts rank 0's too)
         model = eng.build_model(cfg.model, self.tokenizer)
         if self.rank == 0 and (resume_from is None or cfg.train.allow_config_change):
             self._write_run_files(model)
@@ -260,9 +259,9 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         """One micro-batch: forward over the global batch, backward, and DeepSpeed's step (an optimiser step
         once every --gradient_accumulation_steps micro-batches)."""
-        cfg, dev, dim, n = self.cfg, self.device, self.engine.module.dim, self.micro * self.world
+        cfg, dev, dim, n = self.cfg, self.device, self.engine.module.dim, self.micro_batch_size * self.world
         video = normalize(batch["video"].to(dev, non_blocking=True)).to(self.dtype)
-        key = (cfg.data.seed, "train", self.step, self.micro_in_step)
+        key = (cfg.seed, "train", self.step, self.micro_in_step)
         eps = torch.zeros(n, dim, device=dev) if cfg.model.deterministic_text else keyed_noise(
             key, torch.arange(n), 1, dim, cfg.model.stochastic_prior, cfg.model.stochastic_prior_std, dev)[:, 0]
         video_ids = None
@@ -270,34 +269,43 @@ class Trainer:
             local = torch.tensor([key_hash(k) for k in batch["keys"]], dtype=torch.long, device=dev)
             video_ids = dist.gather_rows(local)
         out = self.engine(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), video, eps,
-                          offset=self.rank * self.micro, gather=dist.gather_with_grad, video_ids=video_ids,
-                          dropout_stream=(cfg.data.seed, "dropout", self.step, self.micro_in_step))
+                          offset=self.rank * self.micro_batch_size, gather=dist.gather_with_grad,
+                          video_ids=video_ids, dropout_stream=(cfg.seed, "dropout", self.step, self.micro_in_step))
         self.engine.backward(out["loss"])
         self.engine.step()
         return out
 
     def after_optimiser_step(self) -> str | None:
         """The clamp, logs, checkpoints and validation that follow an optimiser step; "signal" or "max_steps"
-        when the run must stop here."""
+        when the run must stop here. The host waits for the device only at log steps (--log_step): the loss is
+        read there, and a signal is acted on there."""
         eng.clamp_logit_scale(self.engine)
         self.step += 1
         self.log.advance()
         step, tr = self.step, self.cfg.train
-        if step % tr.log_step == 0 or step == self.total_steps:
+        log_step = step % tr.log_step == 0 or step == self.total_steps
+        if log_step:
             self.log_step()
         if step % tr.save_every_steps == 0:
             self.checkpoint()
         if step % self.eval_every == 0 and step % self.steps_per_epoch != 0:
             self.validate()
-        if dist.all_max(torch.tensor([1 if self.signals["signal"] else 0], device=self.device)).item():
+        if log_step and self.signalled():
             return "signal"
         return "max_steps" if step >= self.total_steps else None
 
+    def signalled(self) -> bool:
+        """Whether any rank got SIGUSR1/SIGTERM: a collective that waits for the device, so it runs at log steps
+        only, like every other read of a device value."""
+        flag = torch.tensor([1 if self.signals["signal"] else 0], device=self.device)
+        return bool(dist.all_max(flag).item())
+
     def run_epoch(self) -> str:
         """This epoch's batches from the current position: "epoch" when it ends, else why the run stops."""
-        stream = TrainStream(self.urls, dataclasses.replace(self.cfg.data, batch_size=self.micro), self.tokenizer,
-                             self.steps_per_epoch * self.accum, rank=self.rank, world=self.world,
-                             position=self.position)
+        cfg = self.cfg
+        stream = TrainStream(self.urls, cfg.data, self.tokenizer, self.steps_per_epoch * self.accum,
+                             batch_size=self.micro_batch_size, num_frames=cfg.model.num_frames, seed=cfg.seed,
+                             rank=self.rank, world=self.world, position=self.position)
         t_wait = time.perf_counter()
         for batch in make_loader(stream, self.cfg.data.num_workers):
             self.meter.wait += time.perf_counter() - t_wait
@@ -342,7 +350,8 @@ class Trainer:
         return self.finish(stopped_by)
 
     def finish(self, stopped_by: str | None) -> dict:
-        summary = {"step": self.step, "epoch": self.epoch, "world": self.world,
+        summary = {"step": self.step, "epoch": self.step // self.steps_per_epoch,  # epochs completed
+                   "world": self.world,
                    "best": {k: v for k, v in self.best.items() if k != "results"}, "stopped_by": stopped_by,
                    "run_dir": self.out, "checkpoints": self.ckpt_dir, "tensorboard": os.path.join(self.out, "tb"),
                    "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
@@ -366,8 +375,8 @@ class Trainer:
         from .evaluate import evaluate
 
         stream = EvalStream(expand_shards(cfg.train.val_shards), cfg.data, self.tokenizer, cfg.eval.eval_batch_size,
-                            rank=self.rank, world=self.world)
-        results = evaluate(self.engine.module, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.data.seed,
+                            num_frames=cfg.model.num_frames, rank=self.rank, world=self.world)
+        results = evaluate(self.engine.module, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.seed,
                            self.device, autocast_dtype=self.dtype, max_bad_fraction=cfg.data.max_bad_fraction)
         self.log.scalars({f"val/{d}_{k}": results[d][k] for d in ("t2v", "v2t")
                           for k in ("R@1", "R@5", "R@10", "MdR", "MnR")}, self.step)

@@ -1,23 +1,42 @@
 """Shard lists: webdataset's URL syntax expanded, and the sample counts of the builder's manifests."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 
 import webdataset as wds
 
+from ..errors import ConfigError
+
 
 def expand_shards(spec: str | list[str]) -> list[str]:
-    """webdataset's URL syntax: brace ranges, several sources joined by '::', local paths or 'pipe:' commands."""
-    urls = wds.shardlists.expand_urls(spec) if isinstance(spec, str) else [u for s in spec for u in expand_shards(s)]
+    """webdataset's URL syntax: brace ranges, several sources joined by '::', local paths or 'pipe:' commands;
+    a local path with a wildcard ('shards/msrvtt/train-*.tar') is every file it matches, in sorted order."""
+    if not isinstance(spec, str):
+        return [u for s in spec for u in expand_shards(s)]
+    urls = []
+    for url in wds.shardlists.expand_urls(spec):
+        if is_local(url) and any(c in url for c in "*?["):
+            found = sorted(glob.glob(url))
+            if not found:
+                raise ConfigError(f"no shards match {url}: check the path (tmass-build-shards writes "
+                                  f"{{split}}-000000.tar, ... and a {{split}}.json manifest listing them)")
+            urls += found
+        else:
+            urls.append(url)
     if not urls:
-        raise ValueError(f"no shards in {spec!r}")
+        raise ConfigError(f"no shards in {spec!r}")
     return urls
+
+
+def is_local(url: str) -> bool:
+    return not url.startswith("pipe:") and "://" not in url
 
 
 def missing_shards(urls: list[str]) -> list[str]:
     """The local shards of `urls` that do not exist (`pipe:` commands and remote URLs are not checked)."""
-    return [u for u in urls if not u.startswith("pipe:") and "://" not in u and not os.path.isfile(u)]
+    return [u for u in urls if is_local(u) and not os.path.isfile(u)]
 
 
 def manifest_counts(urls: list[str]) -> dict[str, dict]:

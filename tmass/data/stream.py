@@ -210,10 +210,10 @@ def epoch_segments(units: list[int], order: list[int], start: int, length: int) 
     return segments
 
 
-def resampled_shards(num_shards: int, cfg: DataConfig, epoch: int, rank: int,
+def resampled_shards(num_shards: int, seed: int, epoch: int, rank: int,
                      stream: int) -> Iterator[tuple[int, int, int]]:
     """--shard_sampling resampled: an endless shard order for one stream, drawn with replacement."""
-    rng = keyed_rng("shards", cfg.seed, epoch, rank, stream)
+    rng = keyed_rng("shards", seed, epoch, rank, stream)
     while True:
         yield rng.randrange(num_shards), 0, 1
 
@@ -233,6 +233,21 @@ def captions_of(sample: dict) -> list[str]:
 
 def video_bytes(sample: dict) -> bytes | None:
     return next((sample[k] for k in VIDEO_KEYS if k in sample), None)
+
+
+def decode_item(decoder, sample: dict, url: str, captions: list[str], num_frames: int, sample_type: str,
+                stats: SkipStats, rng: random.Random | None = None):
+    """The frames [F, 3, H, W] of a sample that has a video and `captions`, or None when it is skipped (and
+    counted in `stats` under its reason): no video bytes, no caption, or a video that does not decode."""
+    data = video_bytes(sample)
+    if data is None or not captions:
+        stats.skip("no video bytes" if data is None else "no caption", url)
+        return None
+    try:
+        return decoder(data, num_frames, sample_type, *([rng] if rng is not None else []))
+    except DecodeError as e:
+        stats.skip(e.reason, url)
+        return None
 
 
 def expand_pairs(samples: Iterator[dict]) -> Iterator[dict]:
@@ -272,11 +287,14 @@ class StreamPosition:
 
 
 class TrainStream(IterableDataset):
-    """The training batches of one rank for one epoch (`batches_per_epoch` of them), from `position` on."""
+    """The training batches of one rank for one epoch (`batches_per_epoch` of `batch_size` pairs: the rank's
+    micro batch), from `position` on; every random choice is keyed by `seed`."""
 
-    def __init__(self, urls: list[str], cfg: DataConfig, tokenizer, batches_per_epoch: int, rank: int = 0,
-                 world: int = 1, position: StreamPosition | None = None, decode=decode_frames):
+    def __init__(self, urls: list[str], cfg: DataConfig, tokenizer, batches_per_epoch: int, *, batch_size: int,
+                 num_frames: int, seed: int, rank: int = 0, world: int = 1, position: StreamPosition | None = None,
+                 decode=decode_frames):
         self.urls, self.cfg, self.tokenizer = urls, cfg, tokenizer
+        self.batch_size, self.num_frames, self.seed = batch_size, num_frames, seed
         self.batches_per_epoch, self.rank, self.world = batches_per_epoch, rank, world
         self.streams = max(1, cfg.num_workers)
         self.position = position or StreamPosition(streams=self.streams)
@@ -307,7 +325,7 @@ class TrainStream(IterableDataset):
         if cfg.shard_sampling == "shuffled":
             shuffled = self._epoch_share(stream, pos.epoch, stats, guard)
         else:
-            raw = read_samples(self.urls, resampled_shards(len(self.urls), cfg, pos.epoch, self.rank, stream),
+            raw = read_samples(self.urls, resampled_shards(len(self.urls), self.seed, pos.epoch, self.rank, stream),
                                stats, guard)
             if cfg.caption_sampling == "pairs":
                 raw = expand_pairs(raw)
@@ -319,14 +337,14 @@ class TrainStream(IterableDataset):
                 guard.good()
                 continue  # consumed before the checkpoint: skipped before decoding
             stats.seen += 1
-            item = self._train_item(sample, keyed_rng("sample", cfg.seed, pos.epoch, self.rank, stream, taken), stats)
+            item = self._train_item(sample, keyed_rng("sample", self.seed, pos.epoch, self.rank, stream, taken), stats)
             if item is None:
                 guard.bad()
                 continue
             guard.good()
             stats.ok += 1
             items.append(item)
-            if len(items) == cfg.batch_size:
+            if len(items) == self.batch_size:
                 yield self._collate(items, stream, taken, stats)
                 items = []
                 todo -= 1
@@ -338,7 +356,7 @@ class TrainStream(IterableDataset):
         if cfg.shuffle_buffer <= 1:
             return samples
         return wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_initial,
-                           rng=keyed_rng("buffer", cfg.seed, epoch, self.rank, stream, *extra))(samples)
+                           rng=keyed_rng("buffer", self.seed, epoch, self.rank, stream, *extra))(samples)
 
     def _epoch_share(self, stream: int, epoch: int, stats: SkipStats, guard: StallGuard) -> Iterator[dict]:
         """--shard_sampling shuffled: the epoch is one cyclic sequence of every unit (sample, or pair in pairs
@@ -350,11 +368,11 @@ class TrainStream(IterableDataset):
         cfg = self.cfg
         units = self.shard_units()
         order = list(range(len(self.urls)))
-        keyed_rng("perm", cfg.seed, epoch).shuffle(order)
-        per_rank = self.batches_per_epoch * cfg.batch_size
+        keyed_rng("perm", self.seed, epoch).shuffle(order)
+        per_rank = self.batches_per_epoch * self.batch_size
         start = self.rank * per_rank + sum(self._batches_of(w, self.batches_per_epoch) for w in range(stream)) \
-            * cfg.batch_size
-        quota = self._batches_of(stream, self.batches_per_epoch) * cfg.batch_size
+            * self.batch_size
+        quota = self._batches_of(stream, self.batches_per_epoch) * self.batch_size
         segments = epoch_segments(units, order, start, quota)
         pairs = cfg.caption_sampling == "pairs"
         for cycle in itertools.count():
@@ -375,22 +393,14 @@ class TrainStream(IterableDataset):
         return self._units
 
     def _train_item(self, sample: dict, rng: random.Random, stats: SkipStats) -> dict | None:
-        url, cfg = self.urls[sample["__shard__"]], self.cfg
-        data = video_bytes(sample)
+        cfg = self.cfg
         caption = sample.get("__caption__") if "__caption__" in sample else None
         if caption is None:
             caps = captions_of(sample)
             caption = rng.choice(caps) if caps else None
-        if data is None:
-            stats.skip("no video bytes", url)
-            return None
-        if not caption:
-            stats.skip("no caption", url)
-            return None
-        try:
-            frames = self.decoder(data, cfg.num_frames, cfg.video_sample_type, rng)
-        except DecodeError as e:
-            stats.skip(e.reason, url)
+        frames = decode_item(self.decoder, sample, self.urls[sample["__shard__"]], [caption] if caption else [],
+                             self.num_frames, cfg.video_sample_type, stats, rng)
+        if frames is None:
             return None
         return {"video": train_transform(frames, cfg.input_res, rng, cfg.crop_scale_min, cfg.hflip_prob),
                 "caption": caption,
@@ -410,10 +420,10 @@ class EvalStream(IterableDataset):
     input_ids/attention_mask [N_t, L] for all captions of those videos; text_video [N_t], the batch row of
     each caption's video; caption_index [N_t], its place among its video's captions."""
 
-    def __init__(self, urls: list[str], cfg: DataConfig, tokenizer, batch_size: int | None = None, rank: int = 0,
-                 world: int = 1, decode=decode_frames):
+    def __init__(self, urls: list[str], cfg: DataConfig, tokenizer, batch_size: int, *, num_frames: int,
+                 rank: int = 0, world: int = 1, decode=decode_frames):
         self.urls, self.cfg, self.tokenizer = urls, cfg, tokenizer
-        self.batch_size = batch_size or cfg.batch_size
+        self.batch_size, self.num_frames = batch_size, num_frames
         self.rank, self.world = rank, world
         self.decoder = TimedDecoder(cfg.decode_timeout, decode)
 
@@ -425,15 +435,10 @@ class EvalStream(IterableDataset):
         items, reported = [], 0
         for sample in read_samples(self.urls, iter(reader_assignment(len(self.urls), readers, reader)), stats):
             stats.seen += 1
-            url = self.urls[sample["__shard__"]]
-            data, caps = video_bytes(sample), captions_of(sample)
-            if data is None or not caps:
-                stats.skip("no video bytes" if data is None else "no caption", url)
-                continue
-            try:
-                frames = self.decoder(data, self.cfg.num_frames, self.cfg.video_sample_type)
-            except DecodeError as e:
-                stats.skip(e.reason, url)
+            caps = captions_of(sample)
+            frames = decode_item(self.decoder, sample, self.urls[sample["__shard__"]], caps, self.num_frames,
+                                 self.cfg.video_sample_type, stats)
+            if frames is None:
                 continue
             stats.ok += 1
             items.append({"video": eval_transform(frames, self.cfg.input_res), "captions": caps,
@@ -452,7 +457,7 @@ class EvalStream(IterableDataset):
             ids, mask = torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long)
         s = self.cfg.input_res
         video = torch.stack([it["video"] for it in items]) if items else torch.zeros(
-            0, self.cfg.num_frames, 3, s, s, dtype=torch.uint8)
+            0, self.num_frames, 3, s, s, dtype=torch.uint8)
         return {"video": video,
                 "shard": torch.tensor([it["shard"] for it in items], dtype=torch.long),
                 "pos": torch.tensor([it["pos"] for it in items], dtype=torch.long),
@@ -463,9 +468,22 @@ class EvalStream(IterableDataset):
                 "stats": stats.to_dict(), "reader": reader}
 
 
+def worker_context():
+    """Loader workers start from a forkserver: a single-threaded process that imported this module once.
+    Forking the trainer itself is unsafe, as it runs threads (TensorBoard's writer, the run lock's heartbeat,
+    the launcher watch, the previous loader's queue feeders): a fork while one of them holds an interpreter
+    lock leaves the worker blocked in os.fork for ever, and the job hangs at an epoch's start."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # takes effect when the server starts (the first loader)
+    return ctx
+
+
 def make_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     """A DataLoader that runs the stream's stages in `num_workers` processes (0: in this one)."""
     # Its own generator: creating a loader must not draw from the global RNG, or a resumed run's dropout
     # masks would drift from the uninterrupted run's (the streams draw nothing from it).
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None, generator=torch.Generator().manual_seed(0))
+                      prefetch_factor=4 if num_workers else None, generator=torch.Generator().manual_seed(0),
+                      multiprocessing_context=worker_context() if num_workers else None)

@@ -118,13 +118,13 @@ def _block(start: int, stop: int, size: int, pad: bool, device) -> slice | torch
 def score_rows(model, text: torch.Tensor, frames: torch.Tensor, rows: torch.Tensor, cfg: EvalConfig, seed: int,
                own_hat: torch.Tensor | None = None, timings: dict | None = None) -> torch.Tensor:
     """Scores [len(rows), N_v] of the texts `rows` (global ids into text [N_t, D]) against every video (frames
-    [N_v, F, D]), chunk by chunk, with the text mass unless --deterministic_text (X-Pool).
+    [N_v, F, D]), chunk by chunk, with the text mass unless the model's cfg.deterministic_text (X-Pool).
     `timings` receives the first chunk's time (compilation included) and whether it was compiled."""
     n_v, device = frames.shape[0], frames.device
     out = torch.empty(len(rows), n_v, dtype=torch.float32, device=device)
     if len(rows) == 0 or n_v == 0:
         return out
-    stochastic = not cfg.deterministic_text
+    stochastic = not model.cfg.deterministic_text
     per_pair = stochastic and cfg.trial_noise == "per_pair"
     kernel, compiled = _kernel(cfg, len(text) * n_v) if stochastic and own_hat is None else (None, False)
     # eager per_pair holds M noise vectors per pair: fewer pairs per chunk, for the same memory
