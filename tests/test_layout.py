@@ -1,7 +1,8 @@
 """The shape of the house: no import cycles in tmass/ (function-local imports included, read from the source),
-and launch/ scripts that stay thin."""
+launch/ scripts that stay thin, and a training sample's path through few homes, as docs/architecture.md shows it."""
 import ast
 import os
+import re
 
 from conftest import REPO
 
@@ -64,8 +65,85 @@ def test_no_import_cycles():
     assert "tmass.data.shardlist" in graph["tmass.data.tokenizer"]
 
 
+def test_the_public_api_has_type_hints():
+    """Every public function and method of tmass/ (no leading underscore) annotates its parameters and return."""
+    missing = []
+    for name, path in modules().items():
+        tree = ast.parse(open(path).read())
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                fns = [m for m in node.body if isinstance(m, ast.FunctionDef)]
+            else:
+                fns = [node] if isinstance(node, ast.FunctionDef) else []
+            for fn in fns:
+                if fn.name.startswith("_"):
+                    continue
+                args = [a for a in fn.args.args + fn.args.kwonlyargs if a.arg not in ("self", "cls")]
+                if any(a.annotation is None for a in args) or fn.returns is None:
+                    missing.append(f"{name}.{fn.name}")
+    assert not missing, missing
+
+
 def test_launch_scripts_are_thin():
     for name in os.listdir(os.path.join(REPO, "launch")):
         if name.endswith(".py"):
             lines = open(os.path.join(REPO, "launch", name)).read().splitlines()
             assert len(lines) < 60, name
+
+
+def traced_modules(run, inside):
+    """The tmass/ files whose functions run while a frame of one of the code objects `inside` is on the stack
+    (generator frames included), during run()."""
+    import sys
+
+    hits = set()
+
+    def profile(frame, event, arg):
+        if event != "call" or not frame.f_code.co_filename.startswith(PKG):
+            return
+        f = frame
+        while f is not None:
+            if f.f_code in inside:
+                hits.add(os.path.relpath(frame.f_code.co_filename, REPO))
+                return
+            f = f.f_back
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return hits
+
+
+def documented_path(title):
+    """The tmass/ files that docs/architecture.md's table under `title` names."""
+    text = open(os.path.join(REPO, "docs", "architecture.md")).read()
+    table = text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"`(tmass/[\w/]+\.py)`", table))
+
+
+def home(path):
+    """A concern's home: a package of tmass/ (data/, model/) or a top-level module."""
+    parts = path.split("/")
+    return "/".join(parts[:2]) if len(parts) > 2 else path
+
+
+def test_a_training_sample_from_tar_to_optimiser_step(synthetic_shards, tmp_path):
+    """One optimiser step of a real run in this process (one rank, the stream in this process), traced: every
+    tmass/ module that runs while the stream makes the batch or the step trains on it is in the architecture
+    doc's table of that path, and they live in at most 6 homes."""
+    from tmass.config import parse_config
+    from tmass.data.stream import TrainStream
+    from tmass.train import Trainer, train
+
+    cfg = parse_config(["--deepspeed_config", os.path.join(REPO, "ds_configs", "cpu_fp32.json"), "--preset", "demo",
+                        "--num_frames", "4", "--train_shards", str(synthetic_shards / "train-*.tar"),
+                        "--batch_size", "2", "--max_steps", "1", "--num_workers", "0", "--output_dir", str(tmp_path),
+                        "--support_loss_weight", "0.8", "--decode_timeout", "0"])  # decode in this thread
+    inside = {TrainStream.__iter__.__code__, Trainer.train_step.__code__}
+    traced = traced_modules(lambda: train(cfg), inside)
+    documented = documented_path("From a tar file to an optimiser step")
+    assert {"tmass/data/stream.py", "tmass/data/video.py", "tmass/model/loss.py", "tmass/train.py"} <= traced
+    assert traced <= documented, f"on the path but not in docs/architecture.md: {sorted(traced - documented)}"
+    assert len({home(p) for p in traced}) <= 6, sorted(traced)

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,6 +38,9 @@ from .files import write_json_atomic, write_text_atomic
 from .model.clip import build_clip
 from .model.io import CheckpointMismatch, export_hf, load_hf, load_state_strict, load_upstream
 from .model.tmass import TMASS
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 log = logging.getLogger("tmass.checkpoint")
 
@@ -179,7 +183,7 @@ def check_files(folder: str, world: int) -> dict[str, int]:
     return files
 
 
-def save(engine, ckpt_dir: str, tag: str, client_state: dict, meta: dict, keep_last: int | None,
+def save(engine: DeepSpeedEngine, ckpt_dir: str, tag: str, client_state: dict, meta: dict, keep_last: int | None,
          latest: bool = True) -> None:
     """Save on every rank, then publish (see the module's docstring). A collective: every rank calls it."""
     partial = os.path.join(ckpt_dir, PARTIAL + tag)

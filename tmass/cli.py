@@ -5,6 +5,11 @@ a bug still shows its traceback.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .config import Config
+
 import logging
 import os
 import sys
@@ -47,7 +52,7 @@ def _one_line(e: BaseException) -> str:
     return last
 
 
-def run_command(fn, argv: list[str] | None, prog: str, mode: str | None = None) -> int:
+def run_command(fn: Callable[[Config], object], argv: list[str] | None, prog: str, mode: str | None = None) -> int:
     """Parse, run, and turn the library's TmassError (tmass/errors.py) into one line on rank 0 and its exit
     code; --help exits 0 through argparse."""
     argv = sys.argv[1:] if argv is None else argv

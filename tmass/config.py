@@ -33,7 +33,7 @@ SUPPORT_CENTERS = ("upstream", "paper")
 TRAIN, EVAL, BOTH = "train", "eval", "both"  # which command line shows a flag
 
 
-def opt(default, help: str, use: str = BOTH, choices: tuple | None = None):
+def opt(default: typing.Any, help: str, use: str = BOTH, choices: tuple | None = None) -> typing.Any:
     """A config field with its flag's help text, the command lines that show it, and its choices."""
     return field(default=default, metadata={"help": help, "use": use, "choices": choices})
 
@@ -297,7 +297,7 @@ REQUIRED = {TRAIN: {"deepspeed_config": "e.g. ds_configs/zero2_bf16.json on GPUs
 class Parser(argparse.ArgumentParser):
     """argparse without abbreviations, whose unknown-flag error suggests the nearest flags."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> typing.NoReturn:
         import difflib
 
         if message.startswith("unrecognized arguments:"):

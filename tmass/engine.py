@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,10 @@ from .errors import ConfigError
 from .model.clip import build_clip, clip_config
 from .model.loss import MAX_LOGIT_SCALE
 from .model.tmass import TMASS
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase
 
 
 def world_size_from_env() -> int:
@@ -82,7 +87,7 @@ def prepare_ds_config(cfg: Config, world: int, cuda: bool) -> dict:
 
 
 
-def build_model(cfg: ModelConfig, tokenizer) -> TMASS:
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> TMASS:
     """From --clip_path, or random weights of --clip_arch whose text tower fits the tokenizer."""
     if cfg.clip_path:
         model = TMASS(cfg)
@@ -117,7 +122,7 @@ def param_groups(model: TMASS, cfg: Config) -> list[dict]:
              + ("_no_decay" if no_decay else "")} for (is_clip, no_decay), ps in sorted(groups.items())]
 
 
-def clamp_logit_scale(engine) -> None:
+def clamp_logit_scale(engine: DeepSpeedEngine) -> None:
     """logit_scale <= ln 100 after every step, on the fp32 master copy that ZeRO keeps (else the module's copy
     would be overwritten at the next step)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
@@ -130,7 +135,7 @@ def clamp_logit_scale(engine) -> None:
         p.clamp_(max=MAX_LOGIT_SCALE)
 
 
-def initialize(cfg: Config, ds_config: dict, model: TMASS, total_steps: int):
+def initialize(cfg: Config, ds_config: dict, model: TMASS, total_steps: int) -> tuple[DeepSpeedEngine, object]:
     """(engine, scheduler): AdamW (betas 0.9/0.999, eps 1e-6) over param_groups, unless the JSON names its own
     optimiser, and the warm-up + cosine schedule over `total_steps`."""
     import deepspeed

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import dataclasses
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
@@ -35,6 +36,12 @@ from .errors import ConfigError
 from .files import write_json_atomic
 from .metrics import best_caption_scores, metrics_from_ranks, t2v_ranks
 from .model.scoring import own_caption_pooled, score_rows
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .config import Config
+    from .model.tmass import TMASS
 
 DSL_TEMPERATURE = 100.0
 
@@ -53,7 +60,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def encode(model, batches, device: torch.device, autocast_dtype: torch.dtype | None = None,
+def encode(model: TMASS, batches: Iterable[dict], device: torch.device, autocast_dtype: torch.dtype | None = None,
            progress: bool = False) -> Encoded:
     """Encode this rank's share, then gather every share into one order (sorted by shard and position).
     progress: a bar of this rank's videos per second."""
@@ -96,7 +103,7 @@ def encode(model, batches, device: torch.device, autocast_dtype: torch.dtype | N
 
 # --------------------------------------------------------------------------------------------- the whole thing
 @torch.no_grad()
-def evaluate(model, batches, cfg: EvalConfig, seed: int, device: torch.device,
+def evaluate(model: TMASS, batches: Iterable[dict], cfg: EvalConfig, seed: int, device: torch.device,
              autocast_dtype: torch.dtype | None = None, max_bad_fraction: float = 0.0, progress: bool = False) -> dict:
     """Encode, score and rank on every rank; every rank returns the same results dict. An unreadable shard, or
     more skipped samples than `max_bad_fraction`, is an error (check_skipped)."""
@@ -114,7 +121,7 @@ def evaluate(model, batches, cfg: EvalConfig, seed: int, device: torch.device,
 
 
 @torch.no_grad()
-def rank_all(model, enc: Encoded, cfg: EvalConfig, seed: int) -> dict:
+def rank_all(model: TMASS, enc: Encoded, cfg: EvalConfig, seed: int) -> dict:
     """Score this rank's block of texts against every video, then rank both directions across ranks."""
     n_t, n_v = len(enc.text_video), enc.frames.shape[0]
     if n_v == 0:
@@ -182,7 +189,7 @@ def describe_model(info: dict) -> str:
     return f"{where} ({info['kind']}{', ' + ', '.join(parts) if parts else ''})"
 
 
-def resolve_checkpoint(cfg) -> tuple[str | None, str | None]:
+def resolve_checkpoint(cfg: Config) -> tuple[str | None, str | None]:
     """(path, tag) of the weights to evaluate: --checkpoint; or upstream's --exp_name E --load_epoch -1|N,
     the best checkpoint or the end of epoch N of the run {output_dir}/E; or None with --random_init."""
     from .checkpoint import checkpoints_dir, epoch_tag, is_run_dir, run_dir
@@ -211,7 +218,7 @@ def resolve_checkpoint(cfg) -> tuple[str | None, str | None]:
     return path, epoch_tag(checkpoints_dir(path), ev.load_epoch)
 
 
-def adopt_eval_settings(cfg, info: dict) -> tuple:
+def adopt_eval_settings(cfg: Config, info: dict) -> tuple[Config, list[str]]:
     """(cfg with the run's validation settings - trials, noise, protocol, DSL, seed - for every one of them not
     given explicitly, the `--flag value` notes of those taken)."""
     from .checkpoint import EVAL_SETTINGS
@@ -246,7 +253,7 @@ def check_skipped(skipped: dict, limit: float) -> None:
     check_bad_fraction(skipped, limit, min_seen=1)
 
 
-def run(cfg) -> dict:
+def run(cfg: Config) -> dict:
     """`launch/eval.py`: load the model, stream the test shards over all ranks, evaluate, report."""
     from .config import Config
     from .data.shardlist import expand_shards
@@ -276,7 +283,7 @@ def run(cfg) -> dict:
     return results
 
 
-def model_for(cfg, path: str | None, tag: str | None, info) -> tuple:
+def model_for(cfg: Config, path: str | None, tag: str | None, info: dist.DistInfo) -> tuple[TMASS, dict, Config]:
     """(the model on this rank's device, what it is, the config that follows it): the model's own settings
     (frames, the baseline's deterministic text; --deterministic_text scores a T-MASS model without its mass),
     its image size, and the run's validation settings unless given."""
@@ -295,7 +302,7 @@ def model_for(cfg, path: str | None, tag: str | None, info) -> tuple:
     return model, source, cfg
 
 
-def tokenizer_for(cfg, path: str | None):
+def tokenizer_for(cfg: Config, path: str | None) -> PreTrainedTokenizerBase:
     """--tokenizer; else the one a run or export directory carries; else --clip_path's or the shards'."""
     from .data.tokenizer import load_tokenizer, resolve_tokenizer
 
@@ -304,7 +311,7 @@ def tokenizer_for(cfg, path: str | None):
                                                  resolve_tokenizer(None, cfg.model.clip_path, cfg.eval.test_shards)))
 
 
-def report(cfg, results: dict, out: str) -> None:
+def report(cfg: Config, results: dict, out: str) -> None:
     """Rank 0: the results JSON, TensorBoard (--tensorboard_dir), the table."""
     write_json_atomic(out, results)
     if cfg.eval.tensorboard_dir:

@@ -22,12 +22,14 @@ import hashlib
 import itertools
 import json
 import logging
+import multiprocessing
+import multiprocessing.context
 import os
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import webdataset as wds
@@ -235,8 +237,8 @@ def video_bytes(sample: dict) -> bytes | None:
     return next((sample[k] for k in VIDEO_KEYS if k in sample), None)
 
 
-def decode_item(decoder, sample: dict, url: str, captions: list[str], num_frames: int, sample_type: str,
-                stats: SkipStats, rng: random.Random | None = None):
+def decode_item(decoder: Callable[..., torch.Tensor], sample: dict, url: str, captions: list[str], num_frames: int,
+                sample_type: str, stats: SkipStats, rng: random.Random | None = None) -> torch.Tensor | None:
     """The frames [F, 3, H, W] of a sample that has a video and `captions`, or None when it is skipped (and
     counted in `stats` under its reason): no video bytes, no caption, or a video that does not decode."""
     data = video_bytes(sample)
@@ -468,13 +470,11 @@ class EvalStream(IterableDataset):
                 "stats": stats.to_dict(), "reader": reader}
 
 
-def worker_context():
+def worker_context() -> multiprocessing.context.ForkServerContext:
     """Loader workers start from a forkserver: a single-threaded process that imported this module once.
     Forking the trainer itself is unsafe, as it runs threads (TensorBoard's writer, the run lock's heartbeat,
     the launcher watch, the previous loader's queue feeders): a fork while one of them holds an interpreter
     lock leaves the worker blocked in os.fork for ever, and the job hangs at an epoch's start."""
-    import multiprocessing
-
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])  # takes effect when the server starts (the first loader)
     return ctx

@@ -9,16 +9,20 @@ Texts become 77 tokens, padded and truncated (CLIP's context).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from ..errors import ConfigError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 CONTEXT = 77
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
@@ -28,7 +32,7 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def build_caption_tokenizer(captions, out_dir: str | None = None):
+def build_caption_tokenizer(captions: Iterable[str], out_dir: str | None = None) -> PreTrainedTokenizerBase:
     """A lower-case word-level tokenizer (words and punctuation) with CLIP's special tokens; eos = pad."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -50,13 +54,13 @@ def build_caption_tokenizer(captions, out_dir: str | None = None):
     return fast
 
 
-def text_config_overrides(tokenizer) -> dict:
+def text_config_overrides(tokenizer: PreTrainedTokenizerBase) -> dict:
     """What a randomly initialised CLIP text tower needs to agree with `tokenizer`."""
     return {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
 
 
-def tokenize(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """-> input_ids, attention_mask, each [N, 77] (padded, truncated)."""
     enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=CONTEXT, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]

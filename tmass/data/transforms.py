@@ -26,8 +26,8 @@ def _chw(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2)
 
 
-def crop_box(height: int, width: int, rng: random.Random, scale=(0.5, 1.0),
-             ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def crop_box(height: int, width: int, rng: random.Random, scale: tuple[float, float] = (0.5, 1.0),
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random crop of area fraction in `scale` and aspect in `ratio` (torchvision's
     RandomResizedCrop rule: 10 tries, then the largest centred crop of an allowed aspect)."""
     area = height * width

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,10 @@ from ..errors import ConfigError
 from .noise import NOISE_MODES, noise_table, per_pair_best
 from .pooling import VideoSide
 from .stochastic import all_cosines, inverse_norms
+
+if TYPE_CHECKING:
+    from .noise import PerPairTrials, PerTextTrials
+    from .tmass import TMASS
 
 AUTO_COMPILE_PAIRS = 10**5  # --eval_compile auto compiles per_pair from ~300 x 300 pairs (a cold compile: ~10 s)
 
@@ -40,14 +45,14 @@ class Workspace:
         return self.bufs[name][:n].view(shape)
 
 
-def pooled(model, q: torch.Tensor, side: VideoSide, ws: Workspace | None = None) -> torch.Tensor:
+def pooled(model: TMASS, q: torch.Tensor, side: VideoSide, ws: Workspace | None = None) -> torch.Tensor:
     """psi(v_i | t_j) / |psi| [c_t, c_v, D] (a view of [c_v, c_t, D]), fp32, for the texts' pooling queries
     q = pool_frames.text_side(t) [c_t, D] and a chunk of videos; written into `ws` where given."""
     out = ws("psi", len(side.keys), len(q), q.shape[1]) if ws is not None else None
     return model.pool_frames.pool(q, side, text_major=True, unit=True, out=out).float()
 
 
-def pair_terms(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor, f_inv: torch.Tensor,
+def pair_terms(model: TMASS, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor, f_inv: torch.Tensor,
                ws: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For texts t [c_t, D] (their pooling queries q) and a chunk of videos (frames f, their inverse norms f_inv
     [c_v, F], pooling half `side`): t, R(t_j, v_i) and psi(v_i | t_j) / |psi|, the last two [c_t, c_v, D], all
@@ -58,8 +63,8 @@ def pair_terms(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torc
     return t, model.radius(all_cosines(t, f, f_inv), out=out), p
 
 
-def leaky_scores(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor, f_inv: torch.Tensor,
-                 trials, own_hat: torch.Tensor) -> torch.Tensor:
+def leaky_scores(model: TMASS, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor, f_inv: torch.Tensor,
+                 trials: PerTextTrials | PerPairTrials, own_hat: torch.Tensor) -> torch.Tensor:
     """--eval_protocol upstream (leaky): the trial is chosen against psi(v_i | t_j), then scored against the
     candidate pooled with its own caption, psi(v_i | t_i) (own_hat [c_v, D], normalised)."""
     t, radius, p = pair_terms(model, t, q, side, f, f_inv)
@@ -68,7 +73,7 @@ def leaky_scores(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: to
     return torch.einsum("tvd,vd->tv", chosen, own_hat)
 
 
-def deterministic_scores(model, t: torch.Tensor, q: torch.Tensor, side: VideoSide,
+def deterministic_scores(model: TMASS, t: torch.Tensor, q: torch.Tensor, side: VideoSide,
                          own_hat: torch.Tensor | None = None) -> torch.Tensor:
     """cos(t_j, psi(v_i | t_j)) [c_t, c_v]: the X-Pool baseline, no trials. With own_hat [c_v, D] (--eval_protocol
     upstream, leaky): cos(t_j, psi(v_i | t_i)), upstream's procedure with one trial of zero noise (the chosen text
@@ -114,8 +119,16 @@ def _block(start: int, stop: int, size: int, pad: bool, device) -> slice | torch
     return torch.arange(start, start + size, device=device).clamp_max(stop - 1)
 
 
+def _chunk(cfg: EvalConfig, n_rows: int, n_v: int, noise_per_pair: bool) -> tuple[int, int]:
+    """(texts, videos) per chunk: about --eval_chunk pairs, square-ish; the eager per_pair scorer holds M noise
+    vectors per pair, so it takes M times fewer pairs for the same memory."""
+    pairs = cfg.eval_chunk // (cfg.stochastic_trials if noise_per_pair else 1)
+    c_t = max(1, min(n_rows, math.isqrt(max(1, pairs))))
+    return c_t, max(1, min(n_v, pairs // c_t))
+
+
 @torch.no_grad()
-def score_rows(model, text: torch.Tensor, frames: torch.Tensor, rows: torch.Tensor, cfg: EvalConfig, seed: int,
+def score_rows(model: TMASS, text: torch.Tensor, frames: torch.Tensor, rows: torch.Tensor, cfg: EvalConfig, seed: int,
                own_hat: torch.Tensor | None = None, timings: dict | None = None) -> torch.Tensor:
     """Scores [len(rows), N_v] of the texts `rows` (global ids into text [N_t, D]) against every video (frames
     [N_v, F, D]), chunk by chunk, with the text mass unless the model's cfg.deterministic_text (X-Pool).
@@ -127,10 +140,7 @@ def score_rows(model, text: torch.Tensor, frames: torch.Tensor, rows: torch.Tens
     stochastic = not model.cfg.deterministic_text
     per_pair = stochastic and cfg.trial_noise == "per_pair"
     kernel, compiled = _kernel(cfg, len(text) * n_v) if stochastic and own_hat is None else (None, False)
-    # eager per_pair holds M noise vectors per pair: fewer pairs per chunk, for the same memory
-    pairs = cfg.eval_chunk // (cfg.stochastic_trials if per_pair and not compiled else 1)
-    c_t = max(1, min(len(rows), math.isqrt(max(1, pairs))))
-    c_v = max(1, min(n_v, pairs // c_t))
+    c_t, c_v = _chunk(cfg, len(rows), n_v, per_pair and not compiled)
     pdtype = next(model.pool_frames.parameters()).dtype
     side = model.pool_frames.video_side(frames.to(pdtype), block=64)  # once per video: O(N_v F D)
     f_inv = inverse_norms(frames)  # 1 / |f| [N_v, F], once, for the radius's cosines
@@ -146,7 +156,7 @@ def score_rows(model, text: torch.Tensor, frames: torch.Tensor, rows: torch.Tens
         ids = rows[_block(a, a + n_ids, c_t, compiled, device)]  # global text ids
         t = text[ids]
         q = model.pool_frames.text_side(t.to(pdtype))  # the texts' half of the pooling, once per block
-        trials = None  # the last block's trials go before this block's are drawn
+        trials = None  # the last block's trials are freed before this block's are drawn
         trials = mode.for_texts(seed, ids, t, m, **noise) if stochastic else None
         for v in range(0, n_v, c_v):
             n_vids = min(c_v, n_v - v)
@@ -175,7 +185,8 @@ def score_rows(model, text: torch.Tensor, frames: torch.Tensor, rows: torch.Tens
 
 
 @torch.no_grad()
-def own_caption_pooled(model, text: torch.Tensor, frames: torch.Tensor, text_video: torch.Tensor) -> torch.Tensor:
+def own_caption_pooled(model: TMASS, text: torch.Tensor, frames: torch.Tensor,
+                       text_video: torch.Tensor) -> torch.Tensor:
     """psi(v_i | t_i) for every video i with its own (only) caption, normalised: upstream's leaky candidate."""
     n_t, n_v = len(text_video), frames.shape[0]
     if n_t != n_v or not torch.equal(text_video, torch.arange(n_v, device=text_video.device)):

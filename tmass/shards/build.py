@@ -116,7 +116,7 @@ def process(job: tuple[int, str, VideoItem], source: str,
     return index, sample, None
 
 
-def build_split(cfg: BuildConfig, split: str, pool) -> dict:
+def build_split(cfg: BuildConfig, split: str, pool: mp.pool.Pool | None) -> dict:
     """Build (or finish, or find finished) one split; return its manifest."""
     source = SOURCES[cfg.source]
     items = source.items(split, cfg.source_opts)  # annotation errors stop here, before anything is written
