@@ -8,6 +8,7 @@ run directory.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import TYPE_CHECKING
@@ -51,10 +52,10 @@ def prepare_ds_config(cfg: Config, world: int, cuda: bool) -> dict:
     if not isinstance(ds, dict):
         raise ConfigError(f"--deepspeed_config {path} must hold a JSON object (see ds_configs/)")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage == 3:
-        raise ConfigError("ZeRO-3 partitions the HF CLIP embeddings, whose forward reads their shape "
-                         "(ZeRO-3 hides them); use ds_configs/zero2_bf16.json or zero1_bf16.json: ZeRO-2 is enough "
-                         "for a ViT-B/16 T-MASS")
+    if stage == 3 and cfg.model.compile:
+        raise ConfigError(f"--compile compiles each CLIP layer, and ZeRO-3 ({path}) gathers every layer's "
+                          f"partitioned parameters in hooks that such a graph would bypass; drop --compile, or use "
+                          f"ds_configs/zero2_bf16.json")
     if ds.get("fp16", {}).get("enabled") and not cuda:
         raise ConfigError(f"{path} enables fp16, which DeepSpeed does not run on CPUs; use "
                          f"ds_configs/cpu_bf16.json or cpu_fp32.json")
@@ -125,14 +126,31 @@ def param_groups(model: TMASS, cfg: Config) -> list[dict]:
 def clamp_logit_scale(engine: DeepSpeedEngine) -> None:
     """logit_scale <= ln 100 after every step, on the fp32 master copy that ZeRO keeps (else the module's copy
     would be overwritten at the next step)."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
+                                 safe_set_local_fp32_param)
 
     p = engine.module.logit_scale
-    master = safe_get_full_fp32_param(p)
-    if master is not None:  # unconditional: a test of the value would make the host wait for the device
-        safe_set_full_fp32_param(p, master.clamp(max=MAX_LOGIT_SCALE))
+    if hasattr(p, "ds_id"):  # ZeRO-3: each rank clamps its own partition of the master copy (padding included)
+        local = safe_get_local_fp32_param(p)
+        if local is not None:
+            safe_set_local_fp32_param(p, local.clamp(max=MAX_LOGIT_SCALE))
+    else:
+        master = safe_get_full_fp32_param(p)
+        if master is not None:  # unconditional: a test of the value would make the host wait for the device
+            safe_set_full_fp32_param(p, master.clamp(max=MAX_LOGIT_SCALE))
     with torch.no_grad():
         p.clamp_(max=MAX_LOGIT_SCALE)
+
+
+def whole_parameters(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Every parameter whole on every rank while the context lasts: under ZeRO-3, gathered (read-only) from the
+    ranks' partitions; under ZeRO 0-2 they are whole already."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def initialize(cfg: Config, ds_config: dict, model: TMASS, total_steps: int) -> tuple[DeepSpeedEngine, object]:

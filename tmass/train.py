@@ -376,8 +376,9 @@ class Trainer:
 
         stream = EvalStream(expand_shards(cfg.train.val_shards), cfg.data, self.tokenizer, cfg.eval.eval_batch_size,
                             num_frames=cfg.model.num_frames, rank=self.rank, world=self.world)
-        results = evaluate(self.engine.module, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.seed,
-                           self.device, autocast_dtype=self.dtype, max_bad_fraction=cfg.data.max_bad_fraction)
+        with eng.whole_parameters(self.engine.module):  # the scorer reads weights outside module calls
+            results = evaluate(self.engine.module, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.seed,
+                               self.device, autocast_dtype=self.dtype, max_bad_fraction=cfg.data.max_bad_fraction)
         self.log.scalars({f"val/{d}_{k}": results[d][k] for d in ("t2v", "v2t")
                           for k in ("R@1", "R@5", "R@10", "MdR", "MnR")}, self.step)
         if results["t2v"]["R@1"] > self.best["t2v_R@1"]:
