@@ -1,6 +1,7 @@
 """slurm/train.sbatch without a cluster: fake scontrol / srun / python on PATH and the SLURM variables of
 2 nodes x 4 GPUs; what the script and tmass.dist derive from them; signal -> checkpoint -> requeue."""
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -123,6 +124,36 @@ def test_signal_checkpoints_then_requeues_once(tmp_path):
     assert p.returncode == 0, err
     assert (tmp_path / "saved").read_text().strip() == "saved"
     assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+
+
+RANK = ('trap \'echo saved > "$FAKE_LOG/saved-$0"; exit 0\' USR1; for i in $(seq 600); do sleep 0.1; done')
+
+
+def test_signal_reaches_this_jobs_ranks_only(tmp_path):
+    """Launcher mode: on USR1 the script signals the ranks below its own launcher (their command line has
+    `launch/train.py --local_rank`), not the launcher itself, and not another job's rank on the same node."""
+    runner = ('echo "$@" > "$FAKE_LOG/python.args"\n'
+              f'bash -c {shlex.quote(RANK)} job launch/train.py --local_rank=0 &\n'
+              'wait $!\n')
+    b = fake_bin(tmp_path, runner)
+    other = subprocess.Popen(["bash", "-c", RANK, "other", "launch/train.py", "--local_rank=0"],
+                             env=dict(os.environ, FAKE_LOG=str(tmp_path)))
+    try:
+        p = subprocess.Popen(["bash", SCRIPT], env=env(tmp_path, b), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        t = time.time()
+        while not (tmp_path / "python.args").exists() and time.time() - t < 30:
+            time.sleep(0.1)
+        time.sleep(0.5)  # the rank has set its trap
+        p.send_signal(signal.SIGUSR1)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert (tmp_path / "saved-job").read_text().strip() == "saved"
+        time.sleep(0.5)
+        assert not (tmp_path / "saved-other").exists() and other.poll() is None
+        assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+    finally:
+        other.kill()
 
 
 def test_eval_script_launches_over_the_same_hostfile(tmp_path):
