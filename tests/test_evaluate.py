@@ -300,21 +300,18 @@ def test_deterministic_evaluation_of_a_t_mass_model(synthetic_shards, exported, 
 
 
 def test_eval_cli_errors(synthetic_shards, exported, tmp_path):
-    from _procs import clean_env
-
-    env = clean_env(DS_ACCELERATOR="cpu", PYTHONPATH=REPO)  # not this process's MASTER_PORT, which it holds
     p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", str(exported),
                         "--test_shards", str(synthetic_shards / "test-000000.tar"), "--eval_protocol", "upstream",
                         "--input_res", "32", "--num_workers", "0", "--results", str(tmp_path / "r.json")],
-                       capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode != 0 and "one caption per video" in p.stderr
     p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", str(exported),
                         "--test_shards", str(synthetic_shards / "test-000000.tar"), "--num_frames", "6",
-                        "--input_res", "32"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+                        "--input_res", "32"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode != 0 and "--num_frames 6 (the checkpoint has 4)" in p.stderr
     p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint", str(exported),
                         "--test_shards", str(synthetic_shards / "test-000000.tar"), "--input_res", "64"],
-                       capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode != 0 and f"--input_res 64, but the model ({exported}) takes 32 x 32 frames" in p.stderr
 
 

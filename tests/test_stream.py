@@ -307,10 +307,6 @@ class ParentPid(torch.utils.data.IterableDataset):
 def test_loader_workers_are_not_forked_from_the_trainer():
     """The trainer runs threads (TensorBoard, the run lock, the launcher watch, queue feeders); a worker forked
     from it can block for ever in os.fork's child. Workers come from a single-threaded forkserver instead."""
-    import threading
-
-    busy = threading.Thread(target=time.sleep, args=(5,), daemon=True)
-    busy.start()
     (parent,) = [int(b) for b in make_loader(ParentPid(), 1)]
     assert parent != os.getpid()
     assert [int(b) for b in make_loader(ParentPid(), 1)] == [parent]  # the same server, every epoch

@@ -7,7 +7,7 @@
       train  TrainConfig   optimisation (the global batch), checkpoints, logs
 
 Every setting has one owner, and every section is frozen: what follows the model (the frame size, a loaded
-run's settings) is set by building a new Config (`Config.resolve`, `dataclasses.replace`), never by writing
+run's settings) is set by building a new Config (`Config.resolve`, `Config.replace`), never by writing
 into one.
 
 Flags are the field names (`--num_frames`, `--noclip_lr`, `--support_loss_weight`, ...), so upstream T-MASS
@@ -68,7 +68,7 @@ class ModelConfig:
                                           "of the batch, averaged) or paper (with its own text)", use=TRAIN,
                               choices=SUPPORT_CENTERS)
     grad_checkpointing: bool = opt(False, "activation checkpointing of both CLIP towers (less memory)", use=TRAIN)
-    compile: bool = opt(False, "torch.compile each CLIP encoder layer (ZeRO stages 0-2)", use=TRAIN)
+    compile: bool = opt(False, "torch.compile each CLIP encoder layer", use=TRAIN)
     deterministic_text: bool = opt(False, "the X-Pool baseline: train and score with t alone, no text mass; "
                                           "in evaluation, also scores a T-MASS model without its text mass")
 
@@ -282,8 +282,13 @@ UPSTREAM_ERRORS = {
 }
 
 
+def _class_of(name: str) -> type:
+    """The dataclass that owns setting `name`: a section, or Config itself for TOP."""
+    return SECTIONS.get(_owner[name], Config)
+
+
 def _type_of(f: dataclasses.Field):
-    hint = typing.get_type_hints(SECTIONS.get(_owner[f.name], Config))[f.name]
+    hint = typing.get_type_hints(_class_of(f.name))[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
@@ -396,4 +401,4 @@ def parse_config(argv: list[str] | None = None, prog: str = "tmass", mode: str =
 
 
 def _field(name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(SECTIONS.get(_owner[name], Config)) if f.name == name)
+    return next(f for f in dataclasses.fields(_class_of(name)) if f.name == name)

@@ -51,11 +51,6 @@ def prepare_ds_config(cfg: Config, world: int, cuda: bool) -> dict:
                          f"{e.msg}); compare it with the files in ds_configs/") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"--deepspeed_config {path} must hold a JSON object (see ds_configs/)")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage == 3 and cfg.model.compile:
-        raise ConfigError(f"--compile compiles each CLIP layer, and ZeRO-3 ({path}) gathers every layer's "
-                          f"partitioned parameters in hooks that such a graph would bypass; drop --compile, or use "
-                          f"ds_configs/zero2_bf16.json")
     if ds.get("fp16", {}).get("enabled") and not cuda:
         raise ConfigError(f"{path} enables fp16, which DeepSpeed does not run on CPUs; use "
                          f"ds_configs/cpu_bf16.json or cpu_fp32.json")

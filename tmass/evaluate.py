@@ -226,8 +226,8 @@ def adopt_eval_settings(cfg: Config, info: dict) -> tuple[Config, list[str]]:
     taken = {name: value for name, value in (info.get("eval_settings") or {}).items()
              if name in EVAL_SETTINGS + ("seed",) and name not in cfg.explicit
              and getattr(cfg if name == "seed" else cfg.eval, name) != value}
+    notes = [f"--{name} {value}" for name, value in taken.items()]
     seed = taken.pop("seed", cfg.seed)
-    notes = [f"--{name} {value}" for name, value in taken.items()] + ([f"--seed {seed}"] if seed != cfg.seed else [])
     return cfg.replace(eval=taken, seed=seed), notes
 
 

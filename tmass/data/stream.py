@@ -23,7 +23,6 @@ import itertools
 import json
 import logging
 import multiprocessing
-import multiprocessing.context
 import os
 import random
 import time
@@ -31,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -237,16 +237,17 @@ def video_bytes(sample: dict) -> bytes | None:
     return next((sample[k] for k in VIDEO_KEYS if k in sample), None)
 
 
-def decode_item(decoder: Callable[..., torch.Tensor], sample: dict, url: str, captions: list[str], num_frames: int,
-                sample_type: str, stats: SkipStats, rng: random.Random | None = None) -> torch.Tensor | None:
-    """The frames [F, 3, H, W] of a sample that has a video and `captions`, or None when it is skipped (and
-    counted in `stats` under its reason): no video bytes, no caption, or a video that does not decode."""
+def decode_item(decoder: Callable[..., np.ndarray], sample: dict, url: str, captions: list[str], num_frames: int,
+                sample_type: str, stats: SkipStats, rng: random.Random | None = None) -> np.ndarray | None:
+    """The frames [F, H, W, 3] uint8 of a sample that has a video and `captions` (decode_frames' signature), or
+    None when it is skipped (and counted in `stats` under its reason): no video bytes, no caption, or a video
+    that does not decode."""
     data = video_bytes(sample)
     if data is None or not captions:
         stats.skip("no video bytes" if data is None else "no caption", url)
         return None
     try:
-        return decoder(data, num_frames, sample_type, *([rng] if rng is not None else []))
+        return decoder(data, num_frames, sample_type, rng)
     except DecodeError as e:
         stats.skip(e.reason, url)
         return None
