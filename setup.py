@@ -5,6 +5,7 @@ On a GPU cluster:          install your CUDA build of torch first, then pip inst
 The exact pins of the CPU stack live in requirements.txt; install_requires only sets floors, so that a
 cluster's own torch is kept.
 """
+
 from setuptools import find_packages, setup
 
 setup(
@@ -27,6 +28,12 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=8"]},
-    entry_points={"console_scripts": ["tmass-build-shards=tmass.shards.cli:main", "tmass-train=tmass.cli:train_main",
-                                      "tmass-eval=tmass.cli:eval_main", "tmass-export=tmass.cli:export_main"]},
+    entry_points={
+        "console_scripts": [
+            "tmass-build-shards=tmass.shards.cli:main",
+            "tmass-train=tmass.cli:train_main",
+            "tmass-eval=tmass.cli:eval_main",
+            "tmass-export=tmass.cli:export_main",
+        ]
+    },
 )

@@ -7,6 +7,7 @@ close to real footage), then builds shards from them with the default normalisat
     python bench/build_shards.py                 # 12 clips of 10 s, workers 1 and 2
     python bench/build_shards.py --num 4 --seconds 1 --json out.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,9 @@ def make_clip(path: str, seed: int, width: int, height: int, fps: int, seconds: 
         s.width, s.height, s.pix_fmt = width, height, "yuv420p"
         s.options = {"crf": "23", "preset": "veryfast"}
         for i in range(int(fps * seconds)):
-            img = texture[:height, i * 2: i * 2 + width].copy()
+            img = texture[:height, i * 2 : i * 2 + width].copy()
             x = int((width - 60) * i / (fps * seconds))
-            img[height // 3: height // 3 + 60, x: x + 60] = (250, 40, 40)
+            img[height // 3 : height // 3 + 60, x : x + 60] = (250, 40, 40)
             out.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         out.mux(s.encode(None))
 
@@ -73,30 +74,49 @@ def main() -> None:
         t = time.time()
         vids, csv, _ = clip_corpus(tmp, [a.seconds] * a.num)
         src_mb = sum(os.path.getsize(os.path.join(vids, f)) for f in os.listdir(vids)) / 1e6
-        print(f"generated {a.num} clips of 640x360, 30 fps, {a.seconds:g} s ({src_mb:.1f} MB) "
-              f"in {time.time() - t:.1f} s")
+        print(
+            f"generated {a.num} clips of 640x360, 30 fps, {a.seconds:g} s ({src_mb:.1f} MB) in {time.time() - t:.1f} s"
+        )
         rows = []
         for w in map(int, a.workers.split(",")):
-            cfg = BuildConfig(source="csv", out=os.path.join(tmp, f"out{w}"), splits=["train"], workers=w,
-                              source_opts=SourceOptions(anno=csv, videos_dir=vids), progress=False)
+            cfg = BuildConfig(
+                source="csv",
+                out=os.path.join(tmp, f"out{w}"),
+                splits=["train"],
+                workers=w,
+                source_opts=SourceOptions(anno=csv, videos_dir=vids),
+                progress=False,
+            )
             t = time.time()
             (m,) = build(cfg)
             dt = time.time() - t
             assert m["totals"]["samples"] == a.num, m["failures"]
-            rows.append({"workers": w, "videos": a.num, "seconds": round(dt, 2), "videos_per_s": round(a.num / dt, 2),
-                         "videos_per_s_per_worker": round(a.num / dt / w, 2),
-                         "out_mb": round(m["totals"]["bytes"] / 1e6, 2)})
+            rows.append(
+                {
+                    "workers": w,
+                    "videos": a.num,
+                    "seconds": round(dt, 2),
+                    "videos_per_s": round(a.num / dt, 2),
+                    "videos_per_s_per_worker": round(a.num / dt / w, 2),
+                    "out_mb": round(m["totals"]["bytes"] / 1e6, 2),
+                }
+            )
     print(f"\n{'workers':>7} {'videos':>6} {'time s':>7} {'videos/s':>9} {'per worker':>10} {'out MB':>7}")
     for r in rows:
-        print(f"{r['workers']:>7} {r['videos']:>6} {r['seconds']:>7.2f} {r['videos_per_s']:>9.2f} "
-              f"{r['videos_per_s_per_worker']:>10.2f} {r['out_mb']:>7.2f}")
+        print(
+            f"{r['workers']:>7} {r['videos']:>6} {r['seconds']:>7.2f} {r['videos_per_s']:>9.2f} "
+            f"{r['videos_per_s_per_worker']:>10.2f} {r['out_mb']:>7.2f}"
+        )
     if len(rows) > 1:
-        print(f"speed-up {rows[-1]['workers']} vs {rows[0]['workers']} workers: "
-              f"{rows[-1]['videos_per_s'] / rows[0]['videos_per_s']:.2f}x")
+        print(
+            f"speed-up {rows[-1]['workers']} vs {rows[0]['workers']} workers: "
+            f"{rows[-1]['videos_per_s'] / rows[0]['videos_per_s']:.2f}x"
+        )
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"clip": {"width": 640, "height": 360, "fps": 30, "seconds": a.seconds}, "results": rows}, f,
-                      indent=1)
+            json.dump(
+                {"clip": {"width": 640, "height": 360, "fps": 30, "seconds": a.seconds}, "results": rows}, f, indent=1
+            )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ time of the scoring and ranking, features already in memory. Both --trial_noise 
     python bench/eval.py --sizes 10000 --noises per_text   # per_pair at 10k draws 10^11 random numbers
     python bench/eval.py --sizes 40 --upstream_max 40 --trials 3 --json r.json   # what the tests run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,8 +111,14 @@ def per_video_id(x: torch.Tensor, vid_ids: list) -> torch.Tensor:
             groups.setdefault(vid, []).append(x[i, j, :])
         groups = {vid: torch.stack(rows) for vid, rows in groups.items()}
         longest = max(g.shape[0] for g in groups.values())
-        grouped.append(torch.stack([torch.cat([g, torch.full((longest - g.shape[0], x.shape[-1]), float("-inf"))])
-                                    for g in groups.values()]))
+        grouped.append(
+            torch.stack(
+                [
+                    torch.cat([g, torch.full((longest - g.shape[0], x.shape[-1]), float("-inf"))])
+                    for g in groups.values()
+                ]
+            )
+        )
     return torch.stack(grouped)
 
 
@@ -178,14 +185,24 @@ def one(args: argparse.Namespace) -> None:
         info = tmass_run(args.n, args.trials, args.noise, args.chunk, args.compile)
     if args.world > 1:
         torch.distributed.barrier()
-    print(json.dumps({"seconds": time.perf_counter() - t, "base_rss_mb": base_mb,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024} | info), flush=True)
+    print(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - t,
+                "base_rss_mb": base_mb,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+            | info
+        ),
+        flush=True,
+    )
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # a clean exit: gloo's threads end before the interpreter
 
 
-def measure(method: str, n: int, trials: int, noise: str, world: int, chunk: int, compile_: str,
-            threads: int | None = None) -> dict:
+def measure(
+    method: str, n: int, trials: int, noise: str, world: int, chunk: int, compile_: str, threads: int | None = None
+) -> dict:
     import socket
 
     with socket.socket() as s:
@@ -194,11 +211,35 @@ def measure(method: str, n: int, trials: int, noise: str, world: int, chunk: int
     threads = threads or max(1, (os.cpu_count() or 1) // world)  # the machine's cores shared by the ranks
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--n", str(n), "--trials", str(trials),
-               "--noise", noise, "--world", str(world), "--chunk", str(chunk), "--threads", str(threads),
-               "--compile", compile_]
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            DS_ACCELERATOR="cpu",
+        )
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--one",
+            method,
+            "--n",
+            str(n),
+            "--trials",
+            str(trials),
+            "--noise",
+            noise,
+            "--world",
+            str(world),
+            "--chunk",
+            str(chunk),
+            "--threads",
+            str(threads),
+            "--compile",
+            compile_,
+        ]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
     for p in procs:
@@ -206,11 +247,18 @@ def measure(method: str, n: int, trials: int, noise: str, world: int, chunk: int
         if p.returncode != 0:
             raise SystemExit(f"{method} N={n} failed:\n{err[-3000:]}")
         outs.append(json.loads(out.strip().splitlines()[-1]))
-    return {"method": method, "n": n, "noise": noise if method == "tmass" else "per_pair (upstream)",
-            "world": world, "threads": threads, "seconds": round(max(o["seconds"] for o in outs), 2),
-            "peak_rss_mb": round(max(o["peak_rss_mb"] for o in outs)),
-            "above_base_mb": round(max(o["peak_rss_mb"] - o["base_rss_mb"] for o in outs)),
-            "compiled": outs[0].get("compiled", False), "first_chunk_s": outs[0].get("first_chunk_s")}
+    return {
+        "method": method,
+        "n": n,
+        "noise": noise if method == "tmass" else "per_pair (upstream)",
+        "world": world,
+        "threads": threads,
+        "seconds": round(max(o["seconds"] for o in outs), 2),
+        "peak_rss_mb": round(max(o["peak_rss_mb"] for o in outs)),
+        "above_base_mb": round(max(o["peak_rss_mb"] - o["base_rss_mb"] for o in outs)),
+        "compiled": outs[0].get("compiled", False),
+        "first_chunk_s": outs[0].get("first_chunk_s"),
+    }
 
 
 def main() -> None:
@@ -245,30 +293,55 @@ def main() -> None:
             rows.append(measure("tmass", n, a.trials, noise, 1, a.chunk, a.compile, threads=half))
             print(f"  tmass N={n} {noise} world 1, {half} threads: {rows[-1]['seconds']} s", file=sys.stderr)
     print(f"\nstochastic evaluation, random features: F={F_FRAMES}, D={DIM}, M={a.trials}, {os.cpu_count()} CPU cores")
-    print("time: wall time of scoring and ranking, the first chunk included; 1st chunk: its time, which holds the "
-          "compilation\n(or the load from torch's on-disk cache) where the scorer is compiled; RSS: per process, "
-          "and above what the\nprocess held before the run (the interpreter, torch and gloo)")
-    print(f"{'':10} {'N':>6} {'noise':>20} {'ranks':>5} {'thr':>4} {'compiled':>8} {'time s':>8} {'1st chunk':>9} "
-          f"{'vs (a)':>7} {'vs (b)':>7} {'peak RSS MB':>11} {'above':>6} {'(a)/RSS':>7}")
+    print(
+        "time: wall time of scoring and ranking, the first chunk included; 1st chunk: its time, which holds the "
+        "compilation\n(or the load from torch's on-disk cache) where the scorer is compiled; RSS: per process, "
+        "and above what the\nprocess held before the run (the interpreter, torch and gloo)"
+    )
+    print(
+        f"{'':10} {'N':>6} {'noise':>20} {'ranks':>5} {'thr':>4} {'compiled':>8} {'time s':>8} {'1st chunk':>9} "
+        f"{'vs (a)':>7} {'vs (b)':>7} {'peak RSS MB':>11} {'above':>6} {'(a)/RSS':>7}"
+    )
     for r in rows:
         base_a = next((x for x in rows if x["method"] == "upstream" and x["n"] == r["n"]), None)
-        base_b = next(x for x in rows if x["method"] == "tmass" and x["n"] == r["n"] and x["world"] == 1
-                      and x["noise"] == r["noise"]) if r["method"] == "tmass" else None
+        base_b = (
+            next(
+                x
+                for x in rows
+                if x["method"] == "tmass" and x["n"] == r["n"] and x["world"] == 1 and x["noise"] == r["noise"]
+            )
+            if r["method"] == "tmass"
+            else None
+        )
         va = f"{base_a['seconds'] / r['seconds']:.1f}x" if base_a and r is not base_a else ""
         vb = f"{base_b['seconds'] / r['seconds']:.2f}x" if base_b and r is not base_b else ""
         vm = f"{base_a['peak_rss_mb'] / r['peak_rss_mb']:.1f}x" if base_a and r is not base_a else ""
         name = "(a) upstr" if r["method"] == "upstream" else f"({'b' if r['world'] == 1 else 'c'}) tmass"
         first = f"{r['first_chunk_s']:.2f}" if r.get("first_chunk_s") is not None else ""
-        print(f"{name:10} {r['n']:>6} {r['noise']:>20} {r['world']:>5} {r['threads']:>4} "
-              f"{'yes' if r.get('compiled') else 'no':>8} {r['seconds']:>8.2f} {first:>9} {va:>7} {vb:>7} "
-              f"{r['peak_rss_mb']:>11} {r['above_base_mb']:>6} {vm:>7}")
+        print(
+            f"{name:10} {r['n']:>6} {r['noise']:>20} {r['world']:>5} {r['threads']:>4} "
+            f"{'yes' if r.get('compiled') else 'no':>8} {r['seconds']:>8.2f} {first:>9} {va:>7} {vb:>7} "
+            f"{r['peak_rss_mb']:>11} {r['above_base_mb']:>6} {vm:>7}"
+        )
     for r in rows:  # what the sharding alone gives: 2 ranks against 1 rank, with the same threads per rank
-        single = next((x for x in rows[::-1] if x["method"] == "tmass" and x["n"] == r["n"]
-                       and x["noise"] == r["noise"] and x["world"] == 1 and x["threads"] == r["threads"]), None)
+        single = next(
+            (
+                x
+                for x in rows[::-1]
+                if x["method"] == "tmass"
+                and x["n"] == r["n"]
+                and x["noise"] == r["noise"]
+                and x["world"] == 1
+                and x["threads"] == r["threads"]
+            ),
+            None,
+        )
         if single and r["world"] == 2:
             speedup = single["seconds"] / r["seconds"]
-            print(f"N={r['n']} {r['noise']}: 2 ranks x {r['threads']} threads = {speedup:.2f}x "
-                  f"1 rank x {r['threads']} threads")
+            print(
+                f"N={r['n']} {r['noise']}: 2 ranks x {r['threads']} threads = {speedup:.2f}x "
+                f"1 rank x {r['threads']} threads"
+            )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -12,6 +12,7 @@
 Writes a JSON (--json) and prints a table. Without a GPU: `python bench/gpu_train.py --cpu --tiny` runs the same
 code paths on a tiny model (the tests do).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ def step_flops(model, batch: int, frames: int, text_len: int) -> float:
     v, t = model.clip.config.vision_config, model.clip.config.text_config
     patches = (v.image_size // v.patch_size) ** 2
     vision = tower_flops(patches + 1, v.hidden_size, v.num_hidden_layers, v.intermediate_size)
-    vision += 2 * patches * 3 * v.patch_size ** 2 * v.hidden_size  # patch embedding
+    vision += 2 * patches * 3 * v.patch_size**2 * v.hidden_size  # patch embedding
     text = tower_flops(text_len, t.hidden_size, t.num_hidden_layers, t.intermediate_size)
     d = model.dim
     head = 2 * batch * batch * (2 * frames * d + 2 * d * d) + 2 * batch * frames * 3 * d * d  # pooling, both passes
@@ -78,8 +79,11 @@ def new_model(arch: str, frames: int, ckpt: bool, compile: bool = False):
     from tmass.model.tmass import TMASS
 
     torch.manual_seed(0)
-    return TMASS(ModelConfig(clip_arch=arch, num_frames=frames, grad_checkpointing=ckpt, transformer_dropout=0.3,
-                             compile=compile))
+    return TMASS(
+        ModelConfig(
+            clip_arch=arch, num_frames=frames, grad_checkpointing=ckpt, transformer_dropout=0.3, compile=compile
+        )
+    )
 
 
 def deepspeed_run(arch, frames, batch, stage, ckpt, precision, device, warmup, steps, compile=False) -> dict:
@@ -89,9 +93,15 @@ def deepspeed_run(arch, frames, batch, stage, ckpt, precision, device, warmup, s
     from tmass.engine import param_groups
 
     model = new_model(arch, frames, ckpt, compile)
-    ds = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
-          "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
-          "bf16": {"enabled": precision == "bf16"}}
+    ds = {
+        "train_batch_size": batch,
+        "train_micro_batch_size_per_gpu": batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+        "bf16": {"enabled": precision == "bf16"},
+    }
     opt = torch.optim.AdamW(param_groups(model, Config()), eps=1e-6)  # the groups (and their order) of training
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     ids, mask, video, eps = make_batch(engine.module, batch, frames, device)
@@ -144,8 +154,13 @@ def eval_run(n: int, trials: int, device, noise: str = "per_text") -> dict:
 
     head = Head().to(device)
     g = torch.Generator().manual_seed(0)
-    enc = Encoded(torch.randn(n, 512, generator=g).to(device), torch.randn(n, 12, 512, generator=g).to(device),
-                  torch.arange(n, device=device), [], {})
+    enc = Encoded(
+        torch.randn(n, 512, generator=g).to(device),
+        torch.randn(n, 12, 512, generator=g).to(device),
+        torch.arange(n, device=device),
+        [],
+        {},
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
@@ -153,8 +168,14 @@ def eval_run(n: int, trials: int, device, noise: str = "per_text") -> dict:
     chunk = 1 << 18 if device.type == "cuda" else 16384
     r = rank_all(head, enc, EvalConfig(stochastic_trials=trials, trial_noise=noise, eval_chunk=chunk), 24)
     sync(device)
-    out = {"n": n, "trials": trials, "noise": noise, "seconds": time.perf_counter() - t, "compiled": r["compiled"],
-           "first_chunk_s": r["first_chunk_s"]}
+    out = {
+        "n": n,
+        "trials": trials,
+        "noise": noise,
+        "seconds": time.perf_counter() - t,
+        "compiled": r["compiled"],
+        "first_chunk_s": r["first_chunk_s"],
+    }
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -170,8 +191,17 @@ def loader_shards(out: str, workers: int, seconds: float) -> list[str]:
         from tmass.shards.sources import SourceOptions
 
         vids, csv, _ = clip_corpus(out, [seconds] * 32, "a red box")
-        build(BuildConfig(source="csv", out=os.path.join(out, "s"), splits=["train"], workers=workers, max_count=2,
-                          progress=False, source_opts=SourceOptions(anno=csv, videos_dir=vids)))
+        build(
+            BuildConfig(
+                source="csv",
+                out=os.path.join(out, "s"),
+                splits=["train"],
+                workers=workers,
+                max_count=2,
+                progress=False,
+                source_opts=SourceOptions(anno=csv, videos_dir=vids),
+            )
+        )
     with open(manifest) as f:
         return [os.path.join(out, "s", s["shard"]) for s in json.load(f)["shards"]]
 
@@ -186,8 +216,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--batches", default=None, help="per-GPU batches to try, ascending (default 8,16,32,64)")
-    p.add_argument("--loader_shards", default=None,
-                   help="folder of the loader's shards, built there if absent (default: a temporary folder)")
+    p.add_argument(
+        "--loader_shards",
+        default=None,
+        help="folder of the loader's shards, built there if absent (default: a temporary folder)",
+    )
     p.add_argument("--no_compile", action="store_true", help="skip the runs with --compile (torch.compile per layer)")
     p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: by name)")
     p.add_argument("--json", default="gpu_train.json")
@@ -207,8 +240,15 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     precision = "bf16"
-    results = {"device": name, "torch": torch.__version__, "arch": arch, "frames": frames, "peak_tflops": peak,
-               "train": [], "upstream": None}
+    results = {
+        "device": name,
+        "torch": torch.__version__,
+        "arch": arch,
+        "frames": frames,
+        "peak_tflops": peak,
+        "train": [],
+        "upstream": None,
+    }
     warmup = 1 if a.tiny else 2
     t_start = time.perf_counter()
 
@@ -229,7 +269,7 @@ def main() -> None:
         fitted = {}
         for stage, ckpt, comp in settings:
             best = None
-            for b in batches[batches.index(fitted[ckpt]):] if comp and ckpt in fitted else batches:
+            for b in batches[batches.index(fitted[ckpt]) :] if comp and ckpt in fitted else batches:
                 oom = False
                 try:
                     r = deepspeed_run(arch, frames, b, stage, ckpt, precision, device, warmup, a.steps, comp)
@@ -242,8 +282,12 @@ def main() -> None:
                 best = {"zero": stage, "checkpointing": ckpt, "compile": comp, "batch": b, **r}
                 if peak:
                     best["mfu"] = r["tflops"] / peak
-                print(f"  ZeRO-{stage} ckpt={ckpt} compile={comp} batch {b}: {r['clips_per_s']:.1f} clips/s, "
-                      f"{r['tflops']:.1f} TFLOP/s", file=sys.stderr, flush=True)
+                print(
+                    f"  ZeRO-{stage} ckpt={ckpt} compile={comp} batch {b}: {r['clips_per_s']:.1f} clips/s, "
+                    f"{r['tflops']:.1f} TFLOP/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if best:
                 results["train"].append(best)
                 fitted.setdefault(ckpt, best["batch"])
@@ -268,8 +312,9 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             urls = loader_shards(a.loader_shards or tmp, workers, seconds)
-            rate = time_shards(urls, build_caption_tokenizer(["a red box"]), 4 * workers * batch, batch, frames, res,
-                               workers)
+            rate = time_shards(
+                urls, build_caption_tokenizer(["a red box"]), 4 * workers * batch, batch, frames, res, workers
+            )
             results["loader"] = {"workers": workers, "batch": batch, "clips_per_s": rate}
         save("loader")
 
@@ -280,8 +325,10 @@ def main() -> None:
         print(f"{'ZeRO':>4} {'ckpt':>5} {'compile':>7} {'batch':>5} {'clips/s':>8} {'TFLOP/s':>8} {'MFU':>6}")
     for r in results["train"]:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        print(f"{r['zero']:>4} {str(r['checkpointing']):>5} {str(r['compile']):>7} {r['batch']:>5} "
-              f"{r['clips_per_s']:>8.2f} {r['tflops']:>8.2f} {mfu:>6}")
+        print(
+            f"{r['zero']:>4} {str(r['checkpointing']):>5} {str(r['compile']):>7} {r['batch']:>5} "
+            f"{r['clips_per_s']:>8.2f} {r['tflops']:>8.2f} {mfu:>6}"
+        )
     up = results["upstream"]
     if up and "clips_per_s" in up:
         line = f"upstream-style fp32 plain PyTorch, batch {up['batch']}: {up['clips_per_s']:.2f} clips/s"
@@ -293,15 +340,19 @@ def main() -> None:
         print(f"upstream-style fp32 plain PyTorch, batch {up['batch']}: {up['error']}")
     for e in (results.get("eval"), results.get("eval_per_pair")):
         if e:
-            print(f"evaluation {e['n']} x {e['n']}, {e['trials']} trials, {e['noise']}: {e['seconds']:.2f} s"
-                  + (f" (compiled; its first chunk {e['first_chunk_s']:.2f} s)" if e["compiled"] else "")
-                  + (f", peak GPU memory {e['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in e else ""))
+            print(
+                f"evaluation {e['n']} x {e['n']}, {e['trials']} trials, {e['noise']}: {e['seconds']:.2f} s"
+                + (f" (compiled; its first chunk {e['first_chunk_s']:.2f} s)" if e["compiled"] else "")
+                + (f", peak GPU memory {e['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in e else "")
+            )
     if lr := results.get("loader"):
         best_rate = max((r["clips_per_s"] for r in results["train"]), default=None)
         line = f"data pipeline, {lr['workers']} workers: {lr['clips_per_s']:.1f} clips/s"
         if best_rate:
-            line += (f" vs the step's {best_rate:.1f}: "
-                     f"{'the GPU waits' if lr['clips_per_s'] < best_rate else 'the GPU does not wait'}")
+            line += (
+                f" vs the step's {best_rate:.1f}: "
+                f"{'the GPU waits' if lr['clips_per_s'] < best_rate else 'the GPU does not wait'}"
+            )
         print(line)
     save("all")
 

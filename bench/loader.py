@@ -12,6 +12,7 @@ Everything runs in one process with one thread (torch, OpenCV): the figures are 
     python bench/loader.py                        # 16 clips
     python bench/loader.py --num 2 --seconds 1 --clips 8 --json r.json   # what the tests run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ def upstream_clip(path: str, num_frames: int, size: int, rng: random.Random) -> 
     cap.release()
     x = torch.stack(frames).float() / 255.0
     top, left, h, w = crop_box(x.shape[2], x.shape[3], rng)
-    x = F.interpolate(x[:, :, top:top + h, left:left + w], size=(size, size), mode="bilinear", antialias=True)
+    x = F.interpolate(x[:, :, top : top + h, left : left + w], size=(size, size), mode="bilinear", antialias=True)
     if rng.random() < 0.5:
         x = x.flip(-1)
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
@@ -101,8 +102,9 @@ def main() -> None:
 
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        raw, csv, names = clip_corpus(tmp, [a.seconds or 10 + 10 * i / max(1, a.num - 1) for i in range(a.num)],
-                                      "a red box moves right")
+        raw, csv, names = clip_corpus(
+            tmp, [a.seconds or 10 + 10 * i / max(1, a.num - 1) for i in range(a.num)], "a red box moves right"
+        )
         pre = os.path.join(tmp, "pre")
         os.makedirs(pre)
         for n in names:
@@ -110,15 +112,25 @@ def main() -> None:
                 small, _ = transcode(f.read(), TranscodeOptions(short_side=224, fps=3, tune=""))  # as CLIP4Clip
             with open(os.path.join(pre, n), "wb") as f:
                 f.write(small)
-        (m,) = build(BuildConfig(source="csv", out=os.path.join(tmp, "shards"), splits=["train"], workers=2,
-                                 max_count=4, progress=False, source_opts=SourceOptions(anno=csv, videos_dir=raw)))
+        (m,) = build(
+            BuildConfig(
+                source="csv",
+                out=os.path.join(tmp, "shards"),
+                splits=["train"],
+                workers=2,
+                max_count=4,
+                progress=False,
+                source_opts=SourceOptions(anno=csv, videos_dir=raw),
+            )
+        )
         urls = [os.path.join(tmp, "shards", s["shard"]) for s in m["shards"]]
         tok = build_caption_tokenizer(["a red box moves right"])
         rows = {
             "shards": time_shards(urls, tok, a.clips, a.batch, a.frames, a.size),
             "upstream raw": time_upstream([os.path.join(raw, n) for n in names], a.upstream_clips, a.frames, a.size),
-            "upstream precompressed": time_upstream([os.path.join(pre, n) for n in names], a.upstream_clips,
-                                                    a.frames, a.size),
+            "upstream precompressed": time_upstream(
+                [os.path.join(pre, n) for n in names], a.upstream_clips, a.frames, a.size
+            ),
         }
     print(f"\nclips/s on one core: {a.frames} frames, {a.size}x{a.size}, training transforms, batches of {a.batch}")
     print(f"{'loader':>24} {'clips/s':>8} {'shards vs it':>13}")
@@ -126,8 +138,9 @@ def main() -> None:
         print(f"{name:>24} {v:>8.2f} {rows['shards'] / v:>12.2f}x")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"clips_per_s_per_core": {k: round(v, 3) for k, v in rows.items()},
-                       "setup": vars(a)}, f, indent=1)
+            json.dump(
+                {"clips_per_s_per_core": {k: round(v, 3) for k, v in rows.items()}, "setup": vars(a)}, f, indent=1
+            )
 
 
 if __name__ == "__main__":

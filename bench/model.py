@@ -8,6 +8,7 @@ unchanged). Prints a table; --json writes it.
     python bench/model.py                      # ViT-B/16 on this machine's CPU
     python bench/model.py --tiny --steps 1     # the tiny model (what the tests run)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ def run_one(arch: str, batch: int, frames: int, precision: str, ckpt: bool, step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = TMASS(ModelConfig(clip_arch=arch, num_frames=frames, support_loss_weight=0.8,
-                              grad_checkpointing=ckpt)).to(device).train()
+    model = (
+        TMASS(ModelConfig(clip_arch=arch, num_frames=frames, support_loss_weight=0.8, grad_checkpointing=ckpt))
+        .to(device)
+        .train()
+    )
     res = model.clip.config.vision_config.image_size
     ids = torch.randint(0, 49000, (batch, 32), device=device)
     ids[:, -1] = 49407
@@ -53,10 +57,18 @@ def run_one(arch: str, batch: int, frames: int, precision: str, ckpt: bool, step
     for _ in range(steps):
         step()
     dt = (time.perf_counter() - t) / steps
-    out = {"device": device, "arch": arch, "batch": batch, "frames": frames, "precision": precision,
-           "checkpointing": ckpt, "step_s": round(dt, 3), "clips_per_s": round(batch / dt, 2),
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-           "rss_before_mb": round(rss_before)}
+    out = {
+        "device": device,
+        "arch": arch,
+        "batch": batch,
+        "frames": frames,
+        "precision": precision,
+        "checkpointing": ckpt,
+        "step_s": round(dt, 3),
+        "clips_per_s": round(batch / dt, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "rss_before_mb": round(rss_before),
+    }
     if device == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
         out["gpu"] = torch.cuda.get_device_name()
@@ -81,8 +93,20 @@ def main() -> None:
     rows = []
     for precision in ("fp32", "bf16"):
         for ckpt in ("0", "1"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{precision},{ckpt}", "--arch", arch,
-                   "--batch", str(a.batch), "--frames", str(a.frames), "--steps", str(a.steps)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--one",
+                f"{precision},{ckpt}",
+                "--arch",
+                arch,
+                "--batch",
+                str(a.batch),
+                "--frames",
+                str(a.frames),
+                "--steps",
+                str(a.steps),
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr}")
@@ -94,8 +118,10 @@ def main() -> None:
     print(f"{'precision':>9} {'ckpt':>5} {'s/step':>8} {'clips/s':>8} {mem:>12} {'vs fp32':>8}")
     base = rows[0]["step_s"]
     for r in rows:
-        print(f"{r['precision']:>9} {str(r['checkpointing']):>5} {r['step_s']:>8.3f} {r['clips_per_s']:>8.2f} "
-              f"{r['peak_gpu_mb'] if gpu else r['peak_rss_mb']:>12} {base / r['step_s']:>7.2f}x")
+        print(
+            f"{r['precision']:>9} {str(r['checkpointing']):>5} {r['step_s']:>8.3f} {r['clips_per_s']:>8.2f} "
+            f"{r['peak_gpu_mb'] if gpu else r['peak_rss_mb']:>12} {base / r['step_s']:>7.2f}x"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -6,6 +6,7 @@ the flags.
         --test_shards 'shards/msrvtt/test-*.tar'
     python launch/eval.py --checkpoint model_best.pth --clip_arch ViT-B/32 --clip_path /shared/clip-vit-base-patch32 ...
 """
+
 import os
 import sys
 

@@ -6,6 +6,7 @@
 The result evaluates with launch/eval.py --checkpoint, and its CLIP part loads with plain
 transformers.CLIPModel.from_pretrained.
 """
+
 import os
 import sys
 

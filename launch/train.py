@@ -7,6 +7,7 @@
 Also runs under torchrun, srun (one task per GPU) and as one plain python process. Relaunching the same
 command resumes from the run's latest checkpoint.
 """
+
 import os
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Videos + captions -> WebDataset shards. All logic lives in tmass.shards; see --help."""
+
 import os
 import sys
 

@@ -1,5 +1,6 @@
 """The shape of the house: no import cycles in tmass/ (function-local imports included, read from the source),
-launch/ scripts that stay thin, and a training sample's path through few homes, as docs/architecture.md shows it."""
+short functions, launch/ scripts that stay thin, and a training sample's path through few homes, as
+docs/architecture.md shows it."""
 import ast
 import os
 import re
@@ -63,6 +64,27 @@ def test_no_import_cycles():
             visit(m)
     assert "tmass.checkpoint" in graph["tmass.evaluate"]  # the graph is real: function-local imports included
     assert "tmass.data.shardlist" in graph["tmass.data.tokenizer"]
+
+
+MAX_FUNCTION_LINES = 50
+
+
+def test_no_function_of_tmass_is_long():
+    """Every function of tmass/ (methods and nested ones included) holds at most 50 lines, its docstring not
+    counted, as the formatter lays it out."""
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                first = node.body[0]
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+                        first.value.value, str):
+                    lines -= first.end_lineno - first.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, "split these functions: " + "; ".join(long)
+    assert modules()["tmass.train"]  # the walk found the package
 
 
 def test_the_public_api_has_type_hints():

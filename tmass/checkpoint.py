@@ -19,6 +19,7 @@ export fall back to the newest complete checkpoint, with a warning.
 DeepSpeed reads its own checkpoint files (torch.load of its optimiser and model states); only load checkpoints
 that your own runs wrote. tmass's own loading of outside files (upstream .pth) is weights-only (model/io.py).
 """
+
 from __future__ import annotations
 
 import glob
@@ -115,9 +116,12 @@ class RunLock:
             except FileExistsError:
                 held = self.holder()
                 if held is not None:
-                    raise RunLocked(f"{os.path.dirname(self.path)} is in use by pid {held.get('pid')} on "
-                                    f"{held.get('host')}" + (f" (SLURM job {held['job']})" if held.get("job") else "")
-                                    + f"; wait for it, stop it, or use another --exp_name (the lock: {self.path})")
+                    raise RunLocked(
+                        f"{os.path.dirname(self.path)} is in use by pid {held.get('pid')} on "
+                        f"{held.get('host')}"
+                        + (f" (SLURM job {held['job']})" if held.get("job") else "")
+                        + f"; wait for it, stop it, or use another --exp_name (the lock: {self.path})"
+                    )
                 aside = f"{self.path}.stale{os.getpid()}"
                 try:
                     os.replace(self.path, aside)  # one taker wins; the others find the new lock
@@ -164,8 +168,12 @@ def _fsync_tree(folder: str) -> None:
 
 
 def _files(folder: str) -> dict[str, int]:
-    return {os.path.relpath(os.path.join(root, n), folder): os.path.getsize(os.path.join(root, n))
-            for root, _, names in os.walk(folder) for n in names if n != META}
+    return {
+        os.path.relpath(os.path.join(root, n), folder): os.path.getsize(os.path.join(root, n))
+        for root, _, names in os.walk(folder)
+        for n in names
+        if n != META
+    }
 
 
 def check_files(folder: str, world: int) -> dict[str, int]:
@@ -183,8 +191,15 @@ def check_files(folder: str, world: int) -> dict[str, int]:
     return files
 
 
-def save(engine: DeepSpeedEngine, ckpt_dir: str, tag: str, client_state: dict, meta: dict, keep_last: int | None,
-         latest: bool = True) -> None:
+def save(
+    engine: DeepSpeedEngine,
+    ckpt_dir: str,
+    tag: str,
+    client_state: dict,
+    meta: dict,
+    keep_last: int | None,
+    latest: bool = True,
+) -> None:
     """Save on every rank, then publish (see the module's docstring). A collective: every rank calls it."""
     partial = os.path.join(ckpt_dir, PARTIAL + tag)
     if dist.rank() == 0 and os.path.isdir(partial):  # left by a crash
@@ -238,8 +253,11 @@ def read_meta(ckpt_dir: str, tag: str) -> dict | None:
 
 
 def complete_steps(ckpt_dir: str) -> list[int]:
-    steps = sorted(int(os.path.basename(p)[4:]) for p in glob.glob(os.path.join(ckpt_dir, "step*"))
-                   if os.path.basename(p)[4:].isdigit())
+    steps = sorted(
+        int(os.path.basename(p)[4:])
+        for p in glob.glob(os.path.join(ckpt_dir, "step*"))
+        if os.path.basename(p)[4:].isdigit()
+    )
     return [s for s in steps if read_meta(ckpt_dir, f"step{s}") is not None]
 
 
@@ -258,8 +276,12 @@ def newest_complete(ckpt_dir: str, wanted: str | None, why: str) -> str | None:
     steps = complete_steps(ckpt_dir)
     fallback = f"step{steps[-1]}" if steps else None
     if wanted:
-        log.warning("%s: checkpoint %r is missing or incomplete; %s", ckpt_dir, wanted,
-                    f"using {fallback}, the newest complete one ({why})" if fallback else "no complete checkpoint")
+        log.warning(
+            "%s: checkpoint %r is missing or incomplete; %s",
+            ckpt_dir,
+            wanted,
+            f"using {fallback}, the newest complete one ({why})" if fallback else "no complete checkpoint",
+        )
     return fallback
 
 
@@ -272,8 +294,10 @@ def resume_tag(ckpt_dir: str) -> str | None:
         return None
     found = newest_complete(ckpt_dir, pointer or "latest", "resuming from it")
     if found is None:
-        raise NoCheckpoint(f"{ckpt_dir} has checkpoints but none is complete (latest: {pointer}); move the folder "
-                           f"aside to start the run again, or start a new --exp_name")
+        raise NoCheckpoint(
+            f"{ckpt_dir} has checkpoints but none is complete (latest: {pointer}); move the folder "
+            f"aside to start the run again, or start a new --exp_name"
+        )
     return found
 
 
@@ -286,8 +310,10 @@ def epoch_tag(ckpt_dir: str, epoch: int) -> str:
             by_epoch[s // meta["steps_per_epoch"]] = f"step{s}"
     if epoch not in by_epoch:
         kept = ", ".join(str(e) for e in sorted(by_epoch)) or "none"
-        raise NoCheckpoint(f"{ckpt_dir}: no checkpoint of the end of epoch {epoch} was kept (epochs kept: {kept}; "
-                           f"--keep_last sets how many); pass --load_epoch -1 for the best one")
+        raise NoCheckpoint(
+            f"{ckpt_dir}: no checkpoint of the end of epoch {epoch} was kept (epochs kept: {kept}; "
+            f"--keep_last sets how many); pass --load_epoch -1 for the best one"
+        )
     return by_epoch[epoch]
 
 
@@ -307,9 +333,11 @@ def run_config(run: str) -> Config:
         with open(path) as f:
             return Config.from_dict(json.load(f))
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise CheckpointMismatch(f"{path} is not a config this version of tmass reads ({type(e).__name__}: "
-                                 f"{str(e)[:200]}); evaluate the run with the tmass that trained it, or export it "
-                                 f"there (tmass-export)") from None
+        raise CheckpointMismatch(
+            f"{path} is not a config this version of tmass reads ({type(e).__name__}: "
+            f"{str(e)[:200]}); evaluate the run with the tmass that trained it, or export it "
+            f"there (tmass-export)"
+        ) from None
 
 
 def consolidated_state(path: str, tag: str | None = None) -> tuple[Config, dict, str, dict]:
@@ -320,8 +348,10 @@ def consolidated_state(path: str, tag: str | None = None) -> tuple[Config, dict,
     ckpt_dir = checkpoints_dir(path)
     run = os.path.dirname(os.path.abspath(ckpt_dir))
     if not os.path.exists(os.path.join(run, "config.json")):
-        raise NoCheckpoint(f"{path} is neither a tmass run directory (config.json beside checkpoints/) nor an "
-                           f"export (tmass_config.json)")
+        raise NoCheckpoint(
+            f"{path} is neither a tmass run directory (config.json beside checkpoints/) nor an "
+            f"export (tmass_config.json)"
+        )
     tag = model_tag(ckpt_dir, tag)
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     return run_config(run), state, run, read_meta(ckpt_dir, tag)
@@ -334,9 +364,14 @@ def load_from_run(path: str, tag: str | None = None) -> tuple[TMASS, dict]:
     clip = build_clip(config=CLIPConfig.from_json_file(os.path.join(run, "clip_config.json")))
     model = TMASS(cfg.model, clip=clip)
     load_state_strict(model, state, path)
-    info = {"kind": "run", "run": run, "tag": meta["tag"], "step": meta["step"],
-            "epoch": meta["step"] // meta["steps_per_epoch"],  # epochs completed
-            "eval_settings": {k: getattr(cfg.eval, k) for k in EVAL_SETTINGS} | {"seed": cfg.seed}}
+    info = {
+        "kind": "run",
+        "run": run,
+        "tag": meta["tag"],
+        "step": meta["step"],
+        "epoch": meta["step"] // meta["steps_per_epoch"],  # epochs completed
+        "eval_settings": {k: getattr(cfg.eval, k) for k in EVAL_SETTINGS} | {"seed": cfg.seed},
+    }
     return model, info
 
 
@@ -374,8 +409,11 @@ def load_model(cfg: ModelConfig, checkpoint: str | None, tag: str | None = None)
     model = TMASS(cfg)
     extra = load_upstream(model, checkpoint)
     epoch = extra.get("epoch")
-    return model, {"kind": "upstream", "checkpoint": checkpoint,
-                   "epoch": epoch if isinstance(epoch, (int, float)) else None}
+    return model, {
+        "kind": "upstream",
+        "checkpoint": checkpoint,
+        "epoch": epoch if isinstance(epoch, (int, float)) else None,
+    }
 
 
 __all__ = ["CheckpointMismatch", "NoCheckpoint", "load_model", "save", "resume_tag", "export_checkpoint"]

@@ -3,6 +3,7 @@
 a user's error into one line on rank 0 and an exit code (2: the command line, 1: the data or a checkpoint);
 a bug still shows its traceback.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
@@ -96,9 +97,14 @@ def export_main(argv: list[str] | None = None) -> int:
     from .checkpoint import export_checkpoint
 
     def go(args: list[str]) -> None:
-        p = argparse.ArgumentParser(prog=_prog("export.py", "tmass-export"), allow_abbrev=False, description=(
-            "Turn a training run's checkpoint into one consolidated fp32 HF-style directory (zero_to_fp32 "
-            "underneath): CLIPModel.from_pretrained loads its CLIP part, tmass-eval --checkpoint the whole."))
+        p = argparse.ArgumentParser(
+            prog=_prog("export.py", "tmass-export"),
+            allow_abbrev=False,
+            description=(
+                "Turn a training run's checkpoint into one consolidated fp32 HF-style directory (zero_to_fp32 "
+                "underneath): CLIPModel.from_pretrained loads its CLIP part, tmass-eval --checkpoint the whole."
+            ),
+        )
         p.add_argument("run", help="a run directory (outputs/EXP) or its checkpoints/ directory")
         p.add_argument("out", help="the export directory")
         p.add_argument("--tag", default=None, help="best (default; else the newest), latest, or stepN")

@@ -7,6 +7,7 @@
   gradient for a shard back onto the rank that owns it.
 - `gather_rows` gathers tensors whose first dimension differs per rank (evaluation shares).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -50,10 +51,13 @@ def env_from_slurm(env: dict | None = None) -> dict:
     env = os.environ if env is None else env
     if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
         return {}
-    mapped = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
-              "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-              "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-              "MASTER_PORT": env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
+    mapped = {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+    }
     env.update(mapped)
     return mapped
 
@@ -84,8 +88,9 @@ def init(timeout_minutes: int = 30) -> DistInfo:
 
         for attempt in range(5):
             try:
-                deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
-                                           timeout=timedelta(minutes=timeout_minutes))
+                deepspeed.init_distributed(
+                    dist_backend="nccl" if cuda else "gloo", verbose=False, timeout=timedelta(minutes=timeout_minutes)
+                )
                 break
             except RuntimeError as e:  # the free port was taken before the store bound it: take another
                 if not own_port or "EADDRINUSE" not in str(e) or attempt == 4:
@@ -186,7 +191,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         tdist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ one line on rank 0 and an exit code.
     ConfigError  a flag, a config or DeepSpeed JSON, or a path a flag names is wrong: exit 2
     DataError    the contents of shards, checkpoints or a run directory are unusable: exit 1
 """
+
 from __future__ import annotations
 
 

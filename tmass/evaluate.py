@@ -16,6 +16,7 @@ during training.
 --eval_protocol upstream reproduces upstream's leaky score (the chosen trial scored against the candidate
 pooled with its *own* caption), only to compare with published numbers.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ import torch
 from . import dist
 from .config import EvalConfig
 from .data.transforms import normalize
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .files import write_json_atomic
 from .metrics import best_caption_scores, metrics_from_ranks, t2v_ranks
 from .model.scoring import own_caption_pooled, score_rows
@@ -60,8 +61,13 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def encode(model: TMASS, batches: Iterable[dict], device: torch.device, autocast_dtype: torch.dtype | None = None,
-           progress: bool = False) -> Encoded:
+def encode(
+    model: TMASS,
+    batches: Iterable[dict],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Encoded:
     """Encode this rank's share, then gather every share into one order (sorted by shard and position).
     progress: a bar of this rank's videos per second."""
     from tqdm import tqdm
@@ -87,8 +93,9 @@ def encode(model: TMASS, batches: Iterable[dict], device: torch.device, autocast
     frames_t = (torch.cat(frames) if frames else torch.empty(0, nf, dim, device=device)).contiguous()
     texts_t = (torch.cat(texts) if texts else torch.empty(0, dim, device=device)).to(frames_t.dtype)
     vid_order_t = torch.cat(vid_order).to(device) if vid_order else torch.empty(0, dtype=torch.long, device=device)
-    text_order_t = torch.cat(text_order).to(device) if text_order else torch.empty(0, 2, dtype=torch.long,
-                                                                                   device=device)
+    text_order_t = (
+        torch.cat(text_order).to(device) if text_order else torch.empty(0, 2, dtype=torch.long, device=device)
+    )
     frames_t, texts_t = dist.gather_rows(frames_t), dist.gather_rows(texts_t)
     vid_order_t, text_order_t = dist.gather_rows(vid_order_t), dist.gather_rows(text_order_t)
     keys = dist.gather_objects(keys)
@@ -96,15 +103,27 @@ def encode(model: TMASS, batches: Iterable[dict], device: torch.device, autocast
     text_video = torch.searchsorted(vid_order_t[vsort].contiguous(), text_order_t[:, 0].contiguous())
     tsort = torch.argsort(text_video * 2**20 + text_order_t[:, 1])
     total = SkipStats.total(dist.gather_objects(list(stats.values())))
-    skipped = {"seen": total["seen"], "ok": total["ok"], "reasons": dict(total["reasons"]),
-               "shards": dict(total["shards"])}
+    skipped = {
+        "seen": total["seen"],
+        "ok": total["ok"],
+        "reasons": dict(total["reasons"]),
+        "shards": dict(total["shards"]),
+    }
     return Encoded(texts_t[tsort], frames_t[vsort], text_video[tsort], [keys[i] for i in vsort.tolist()], skipped)
 
 
 # --------------------------------------------------------------------------------------------- the whole thing
 @torch.no_grad()
-def evaluate(model: TMASS, batches: Iterable[dict], cfg: EvalConfig, seed: int, device: torch.device,
-             autocast_dtype: torch.dtype | None = None, max_bad_fraction: float = 0.0, progress: bool = False) -> dict:
+def evaluate(
+    model: TMASS,
+    batches: Iterable[dict],
+    cfg: EvalConfig,
+    seed: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    max_bad_fraction: float = 0.0,
+    progress: bool = False,
+) -> dict:
     """Encode, score and rank on every rank; every rank returns the same results dict. An unreadable shard, or
     more skipped samples than `max_bad_fraction`, is an error (check_skipped)."""
     was_training = model.training
@@ -121,13 +140,26 @@ def evaluate(model: TMASS, batches: Iterable[dict], cfg: EvalConfig, seed: int, 
 
 
 @torch.no_grad()
+def dual_softmax(scores: torch.Tensor, n_v: int) -> torch.Tensor:
+    """DSL: s <- s * softmax over all queries (texts, on every rank) of 100 s, per video column.
+    scores [n_rows, N_v] -> [n_rows, N_v]."""
+    if len(scores):
+        lse = torch.logsumexp(DSL_TEMPERATURE * scores, dim=0)
+    else:
+        lse = torch.full((n_v,), float("-inf"), device=scores.device)
+    lse = torch.logsumexp(dist.gather_rows(lse[None]), dim=0)
+    return scores * torch.exp(DSL_TEMPERATURE * scores - lse)
+
+
 def rank_all(model: TMASS, enc: Encoded, cfg: EvalConfig, seed: int) -> dict:
     """Score this rank's block of texts against every video, then rank both directions across ranks."""
     n_t, n_v = len(enc.text_video), enc.frames.shape[0]
     if n_v == 0:
         why = ", ".join(f"{r}: {n}" for r, n in enc.skipped.get("reasons", {}).items()) or "no samples"
-        raise ValueError(f"the test shards gave no usable video ({why}); evaluation needs each sample's video "
-                         f"bytes (mp4) and captions (json 'captions' or txt): build them with shards/build.py")
+        raise DataError(
+            f"the test shards gave no usable video ({why}); evaluation needs each sample's video "
+            f"bytes (mp4) and captions (json 'captions' or txt): build them with shards/build.py"
+        )
     leaky = cfg.eval_protocol == "upstream"
     own_hat = own_caption_pooled(model, enc.text, enc.frames, enc.text_video) if leaky else None
     rank, world = dist.rank(), dist.world()
@@ -135,11 +167,8 @@ def rank_all(model: TMASS, enc: Encoded, cfg: EvalConfig, seed: int) -> dict:
     rows = torch.nonzero((enc.text_video >= v0) & (enc.text_video < v1)).flatten()
     timings: dict = {}
     scores = score_rows(model, enc.text, enc.frames, rows, cfg, seed, own_hat, timings)  # [n_rows, N_v]
-    if cfg.dsl:  # s <- s * softmax over all queries (texts) of 100 s, per video column
-        lse = torch.logsumexp(DSL_TEMPERATURE * scores, dim=0) if len(rows) else torch.full(
-            (n_v,), float("-inf"), device=scores.device)
-        lse = torch.logsumexp(dist.gather_rows(lse[None]), dim=0)
-        scores = scores * torch.exp(DSL_TEMPERATURE * scores - lse)
+    if cfg.dsl:
+        scores = dual_softmax(scores, n_v)
     right = enc.text_video[rows]
     t2v = dist.gather_rows(t2v_ranks(scores, right))
     owners = torch.arange(v0, v1, device=scores.device)
@@ -150,14 +179,21 @@ def rank_all(model: TMASS, enc: Encoded, cfg: EvalConfig, seed: int) -> dict:
         full = dist.gather_rows(scores)
         if rank == 0:
             np.save(cfg.save_sims, full.cpu().numpy())
-    leaky = cfg.eval_protocol == "upstream"
     return {
-        "t2v": metrics_from_ranks(t2v.cpu()), "v2t": metrics_from_ranks(v2t.cpu()),
+        "t2v": metrics_from_ranks(t2v.cpu()),
+        "v2t": metrics_from_ranks(v2t.cpu()),
         "protocol": cfg.eval_protocol + (" (LEAKY: candidates pooled with their own caption)" if leaky else ""),
-        "leaky": leaky, "trials": 0 if model.cfg.deterministic_text else cfg.stochastic_trials,
-        "trial_noise": cfg.trial_noise, "deterministic_text": model.cfg.deterministic_text, "dsl": cfg.dsl,
-        "seed": seed, "num_texts": n_t, "num_videos": n_v, "world_size": world,
-        "compiled": bool(timings.get("compiled")), "first_chunk_s": timings.get("first_chunk_s"),
+        "leaky": leaky,
+        "trials": 0 if model.cfg.deterministic_text else cfg.stochastic_trials,
+        "trial_noise": cfg.trial_noise,
+        "deterministic_text": model.cfg.deterministic_text,
+        "dsl": cfg.dsl,
+        "seed": seed,
+        "num_texts": n_t,
+        "num_videos": n_v,
+        "world_size": world,
+        "compiled": bool(timings.get("compiled")),
+        "first_chunk_s": timings.get("first_chunk_s"),
     }
 
 
@@ -169,10 +205,12 @@ def format_table(results: dict) -> str:
         lines.append(f"model: {describe_model(results['model'])}")
     sk = results.get("skipped", {})
     bad = sum(sk.get("reasons", {}).values())
-    lines.append(f"{results['protocol']}, {results['num_texts']} texts x {results['num_videos']} videos"
-                 + (f" ({bad} of {sk.get('seen', 0)} samples skipped)" if sk else "")
-                 + f", {results['trials']} trials ({results['trial_noise']}), seed {results['seed']}"
-                 + (", DSL" if results["dsl"] else ""))
+    lines.append(
+        f"{results['protocol']}, {results['num_texts']} texts x {results['num_videos']} videos"
+        + (f" ({bad} of {sk.get('seen', 0)} samples skipped)" if sk else "")
+        + f", {results['trials']} trials ({results['trial_noise']}), seed {results['seed']}"
+        + (", DSL" if results["dsl"] else "")
+    )
     lines.append(head)
     for d in ("t2v", "v2t"):
         lines.append(f"{d:5}" + "".join(f"{results[d][c]:>8.2f}" for c in cols))
@@ -183,9 +221,15 @@ def describe_model(info: dict) -> str:
     if info["kind"] == "random":
         return "RANDOM WEIGHTS (--random_init): not a trained model"
     where = info.get("checkpoint")
-    parts = [p for p in (info.get("tag") and f"checkpoint {info['tag']}",
-                         info.get("step") is not None and f"step {info['step']}",
-                         info.get("epoch") is not None and f"epoch {info['epoch']}") if p]
+    parts = [
+        p
+        for p in (
+            info.get("tag") and f"checkpoint {info['tag']}",
+            info.get("step") is not None and f"step {info['step']}",
+            info.get("epoch") is not None and f"epoch {info['epoch']}",
+        )
+        if p
+    ]
     return f"{where} ({info['kind']}{', ' + ', '.join(parts) if parts else ''})"
 
 
@@ -199,13 +243,17 @@ def resolve_checkpoint(cfg: Config) -> tuple[str | None, str | None]:
     if path is None and ev.load_epoch is not None:
         path = run_dir(cfg.train.output_dir, cfg.train.exp_name)
         if not is_run_dir(path):
-            raise ConfigError(f"--exp_name {cfg.train.exp_name} --load_epoch {ev.load_epoch}: no tmass run at "
-                             f"{path}; pass --output_dir where the run lives, or --checkpoint RUN_DIR")
+            raise ConfigError(
+                f"--exp_name {cfg.train.exp_name} --load_epoch {ev.load_epoch}: no tmass run at "
+                f"{path}; pass --output_dir where the run lives, or --checkpoint RUN_DIR"
+            )
     if path is None:
         if not ev.random_init:
-            raise ConfigError("no trained weights to evaluate: pass --checkpoint RUN_DIR (or an export dir, "
-                             "or an upstream .pth), or --exp_name NAME --load_epoch -1 for that run's best "
-                             "checkpoint; --random_init scores a randomly initialised model on purpose")
+            raise ConfigError(
+                "no trained weights to evaluate: pass --checkpoint RUN_DIR (or an export dir, "
+                "or an upstream .pth), or --exp_name NAME --load_epoch -1 for that run's best "
+                "checkpoint; --random_init scores a randomly initialised model on purpose"
+            )
         return None, None
     if ev.random_init:
         raise ConfigError("--random_init and a checkpoint contradict each other; drop one")
@@ -223,9 +271,13 @@ def adopt_eval_settings(cfg: Config, info: dict) -> tuple[Config, list[str]]:
     given explicitly, the `--flag value` notes of those taken)."""
     from .checkpoint import EVAL_SETTINGS
 
-    taken = {name: value for name, value in (info.get("eval_settings") or {}).items()
-             if name in EVAL_SETTINGS + ("seed",) and name not in cfg.explicit
-             and getattr(cfg if name == "seed" else cfg.eval, name) != value}
+    taken = {
+        name: value
+        for name, value in (info.get("eval_settings") or {}).items()
+        if name in EVAL_SETTINGS + ("seed",)
+        and name not in cfg.explicit
+        and getattr(cfg if name == "seed" else cfg.eval, name) != value
+    }
     notes = [f"--{name} {value}" for name, value in taken.items()]
     seed = taken.pop("seed", cfg.seed)
     return cfg.replace(eval=taken, seed=seed), notes
@@ -236,8 +288,10 @@ def check_test_shards(urls: list[str]) -> None:
 
     missing = missing_shards(urls)
     if missing:
-        raise ConfigError(f"{len(missing)} of {len(urls)} test shard(s) missing, e.g. {missing[0]}; a "
-                         f"subset would give other numbers: fix --test_shards")
+        raise ConfigError(
+            f"{len(missing)} of {len(urls)} test shard(s) missing, e.g. {missing[0]}; a "
+            f"subset would give other numbers: fix --test_shards"
+        )
 
 
 def check_skipped(skipped: dict, limit: float) -> None:
@@ -248,8 +302,10 @@ def check_skipped(skipped: dict, limit: float) -> None:
     unreadable = {r: n for r, n in skipped.get("reasons", {}).items() if r.startswith(UNREADABLE)}
     if unreadable:
         shards = ", ".join(sorted(skipped.get("shards", {}))[:5])
-        raise TooManyBadSamples(f"test shard(s) could not be read to the end ({', '.join(unreadable)}): {shards}; "
-                                f"rebuild them with shards/build.py")
+        raise TooManyBadSamples(
+            f"test shard(s) could not be read to the end ({', '.join(unreadable)}): {shards}; "
+            f"rebuild them with shards/build.py"
+        )
     check_bad_fraction(skipped, limit, min_seen=1)
 
 
@@ -271,10 +327,24 @@ def run(cfg: Config) -> dict:
         cfg = cfg.replace(model={"clip_path": resolve_clip_path(cfg.model.clip_path)})
     info = dist.init()
     model, source, cfg = model_for(cfg, path, tag, info)
-    stream = EvalStream(urls, cfg.data, tokenizer_for(cfg, path), cfg.eval.eval_batch_size,
-                        num_frames=model.cfg.num_frames, rank=info.rank, world=info.world)
-    results = evaluate(model, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.seed, info.device,
-                       max_bad_fraction=cfg.data.max_bad_fraction, progress=info.is_main)
+    stream = EvalStream(
+        urls,
+        cfg.data,
+        tokenizer_for(cfg, path),
+        cfg.eval.eval_batch_size,
+        num_frames=model.cfg.num_frames,
+        rank=info.rank,
+        world=info.world,
+    )
+    results = evaluate(
+        model,
+        make_loader(stream, cfg.data.num_workers),
+        cfg.eval,
+        cfg.seed,
+        info.device,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        progress=info.is_main,
+    )
     results["model"] = {k: v for k, v in source.items() if k != "eval_settings"}
     results["checkpoint"] = path
     results["test_shards"] = cfg.eval.test_shards
@@ -296,8 +366,11 @@ def model_for(cfg: Config, path: str | None, tag: str | None, info: dist.DistInf
         model.cfg = dataclasses.replace(model.cfg, deterministic_text=True)
     cfg, taken = adopt_eval_settings(cfg.replace(model=model.cfg), source)
     if taken and info.is_main:
-        print(f"note: evaluating with the settings the run was validated with: {', '.join(taken)} "
-              f"(give a flag to override)", file=sys.stderr)
+        print(
+            f"note: evaluating with the settings the run was validated with: {', '.join(taken)} "
+            f"(give a flag to override)",
+            file=sys.stderr,
+        )
     cfg = cfg.resolve(model.clip.config.vision_config.image_size, f"the model ({path or 'random weights'})")
     return model, source, cfg
 
@@ -307,8 +380,10 @@ def tokenizer_for(cfg: Config, path: str | None) -> PreTrainedTokenizerBase:
     from .data.tokenizer import load_tokenizer, resolve_tokenizer
 
     own = os.path.join(path or "", "tokenizer")
-    return load_tokenizer(cfg.eval.tokenizer or (own if path and os.path.isdir(own) else
-                                                 resolve_tokenizer(None, cfg.model.clip_path, cfg.eval.test_shards)))
+    return load_tokenizer(
+        cfg.eval.tokenizer
+        or (own if path and os.path.isdir(own) else resolve_tokenizer(None, cfg.model.clip_path, cfg.eval.test_shards))
+    )
 
 
 def report(cfg: Config, results: dict, out: str) -> None:

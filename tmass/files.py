@@ -1,6 +1,7 @@
 """Writes that a crash cannot tear: the text goes to a temporary file beside the target, is flushed to disk,
 and is renamed over the target (a rename within a folder is atomic), so a reader sees the old file or the new
 one, never half of one. Used for manifests, run files, results and the `latest` pointer."""
+
 from __future__ import annotations
 
 import json

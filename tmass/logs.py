@@ -1,6 +1,7 @@
 """Training logs: what a run writes while it trains (RunLog: a progress bar, log lines, TensorBoard, on rank 0),
 the figures gathered between two log steps (Meter), and the curves drawn back from TensorBoard to PNG
 (`python -m tmass.logs RUN [RUN ...] [--out curves.png]`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,15 @@ class Meter:
     def scalars(self, world: int) -> dict[str, float]:
         elapsed = time.perf_counter() - self.t0
         last = self.last
-        out = {"train/loss": float(self.loss) / max(1, self.n), "train/loss_stochastic": last["loss_stochastic"],
-               "train/logit_scale": last["logit_scale"], "train/radius_l1": last["radius_l1"],
-               "perf/samples_per_s": self.samples * world / elapsed,
-               "perf/samples_per_s_per_rank": self.samples / elapsed, "perf/data_wait_fraction": self.wait / elapsed}
+        out = {
+            "train/loss": float(self.loss) / max(1, self.n),
+            "train/loss_stochastic": last["loss_stochastic"],
+            "train/logit_scale": last["logit_scale"],
+            "train/radius_l1": last["radius_l1"],
+            "perf/samples_per_s": self.samples * world / elapsed,
+            "perf/samples_per_s_per_rank": self.samples / elapsed,
+            "perf/data_wait_fraction": self.wait / elapsed,
+        }
         if "loss_support" in last:
             out["train/loss_support"] = last["loss_support"]
         return {k: float(v) for k, v in out.items()}
@@ -54,8 +60,7 @@ class RunLog:
         self.tb = SummaryWriter(os.path.join(run, "tb"), purge_step=step + 1 if step else None)
         self.tb.add_text("config", "```\n" + config_json + "\n```", step)
         self.file = open(os.path.join(run, "train.log"), "a")
-        self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                        mininterval=2)
+        self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=2)
 
     def line(self, text: str) -> None:
         if self.active:

@@ -9,6 +9,7 @@ t2v: one query per text; the right video is the text's own.
 v2t: one query per video; a candidate video k scores max over k's captions of s[caption, query video], and the
      right candidate is the query itself (upstream's v2t with several captions per video).
 """
+
 from __future__ import annotations
 
 import numpy as np

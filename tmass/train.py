@@ -14,6 +14,7 @@ One optimiser step, per rank, with b = micro batch and B = world * b:
     DeepSpeed averages the gradients, clips them (JSON), steps AdamW and the schedule; then
     logit_scale <= ln 100 is enforced on the fp32 master copy (tmass/engine.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ from . import dist
 from . import engine as eng
 from .config import TOP, Config, ModelConfig
 from .data.shardlist import expand_shards, missing_shards, samples_per_epoch
-from .data.stream import (SkipStats, StreamPosition, TrainStream, EvalStream, check_bad_fraction, make_loader)
+from .data.stream import SkipStats, StreamPosition, TrainStream, EvalStream, check_bad_fraction, make_loader
 from .data.tokenizer import load_tokenizer, resolve_tokenizer
 from .data.transforms import normalize
 from .errors import ConfigError
@@ -52,9 +53,10 @@ def model_image_size(cfg: ModelConfig) -> int:
         try:
             return CLIPConfig.from_pretrained(path, local_files_only=True).vision_config.image_size
         except OSError as e:
-            raise ConfigError(f"--clip_path {cfg.clip_path}: no CLIP config.json there "
-                             f"({(str(e).splitlines() or [''])[0][:200]}); pass a CLIP checkpoint directory") \
-                from None
+            raise ConfigError(
+                f"--clip_path {cfg.clip_path}: no CLIP config.json there "
+                f"({(str(e).splitlines() or [''])[0][:200]}); pass a CLIP checkpoint directory"
+            ) from None
     return clip_config(cfg.clip_arch).vision_config.image_size
 
 
@@ -74,11 +76,30 @@ def check_inputs(cfg: Config) -> list[str]:
 # Settings that may differ when a run is relaunched: where things are written, how often, and how, but nothing
 # that changes the weights it trains or how its best checkpoint is chosen.
 MAY_CHANGE_ON_RESUME = {
-    "train": {"log_step", "save_every_steps", "keep_last", "log_samples", "local_rank", "output_dir", "exp_name",
-              "allow_config_change", "verbose"},
+    "train": {
+        "log_step",
+        "save_every_steps",
+        "keep_last",
+        "log_samples",
+        "local_rank",
+        "output_dir",
+        "exp_name",
+        "allow_config_change",
+        "verbose",
+    },
     "data": {"decode_timeout", "max_bad_fraction", "num_workers", "stall_skips", "stall_seconds"},
-    "eval": {"test_shards", "checkpoint", "results", "tensorboard_dir", "eval_chunk", "eval_compile",
-             "eval_batch_size", "save_sims", "random_init", "load_epoch"},
+    "eval": {
+        "test_shards",
+        "checkpoint",
+        "results",
+        "tensorboard_dir",
+        "eval_chunk",
+        "eval_compile",
+        "eval_batch_size",
+        "save_sims",
+        "random_init",
+        "load_epoch",
+    },
     "model": {"grad_checkpointing", "compile"},
 }
 
@@ -110,19 +131,27 @@ def check_resume(cfg: Config, out: str, world: int) -> str | None:
         old = {}
     changes = config_changes(old, cfg.to_dict())
     if changes and not cfg.train.allow_config_change:
-        raise ConfigError(f"{out} is an existing run (step {meta['step']}), and these settings differ from "
-                         f"its config.json: {'; '.join(changes)}. Start a new run with another --exp_name, or "
-                         f"pass --allow_config_change to resume with the new settings anyway")
+        raise ConfigError(
+            f"{out} is an existing run (step {meta['step']}), and these settings differ from "
+            f"its config.json: {'; '.join(changes)}. Start a new run with another --exp_name, or "
+            f"pass --allow_config_change to resume with the new settings anyway"
+        )
     if meta["world"] != world:
-        raise ConfigError(f"{out} was written by {meta['world']} ranks, and this launch has {world}; resume "
-                         f"with {meta['world']} (exact resume replays every rank's data stream), or start a new "
-                         f"--exp_name")
+        raise ConfigError(
+            f"{out} was written by {meta['world']} ranks, and this launch has {world}; resume "
+            f"with {meta['world']} (exact resume replays every rank's data stream), or start a new "
+            f"--exp_name"
+        )
     if cfg.train.max_steps and cfg.train.max_steps < meta["step"]:
-        raise ConfigError(f"--max_steps {cfg.train.max_steps}, but {out} has already reached step "
-                         f"{meta['step']}; raise --max_steps, or evaluate the run as it is")
+        raise ConfigError(
+            f"--max_steps {cfg.train.max_steps}, but {out} has already reached step "
+            f"{meta['step']}; raise --max_steps, or evaluate the run as it is"
+        )
     if changes and dist.env_rank() == 0:
-        print(f"warning: resuming {out} with changed settings (--allow_config_change): {'; '.join(changes)}",
-              file=sys.stderr)
+        print(
+            f"warning: resuming {out} with changed settings (--allow_config_change): {'; '.join(changes)}",
+            file=sys.stderr,
+        )
     return tag
 
 
@@ -145,8 +174,14 @@ def _set_rng_state(state: dict) -> None:
 def gathered_skips(stats: dict[int, dict]) -> dict:
     """This epoch's skip counts of every stream of every rank (a collective: every rank calls it)."""
     total = SkipStats.total(list(stats.values()))
-    return SkipStats.total([t | {"ok": 0} for t in dist.gather_objects([{
-        "seen": total["seen"], "reasons": dict(total["reasons"]), "shards": dict(total["shards"])}])])
+    return SkipStats.total(
+        [
+            t | {"ok": 0}
+            for t in dist.gather_objects(
+                [{"seen": total["seen"], "reasons": dict(total["reasons"]), "shards": dict(total["shards"])}]
+            )
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -171,8 +206,9 @@ def train(cfg: Config) -> dict:
     run directory's lock while it trains; every rank stops (with a checkpoint) when its launcher dies."""
     ds_config = eng.prepare_ds_config(cfg, eng.world_size_from_env(), torch.cuda.is_available())
     urls = check_inputs(cfg)
-    cfg = cfg.resolve(model_image_size(cfg.model),
-                      f"the CLIP ({cfg.model.clip_path or '--clip_arch ' + cfg.model.clip_arch})")
+    cfg = cfg.resolve(
+        model_image_size(cfg.model), f"the CLIP ({cfg.model.clip_path or '--clip_arch ' + cfg.model.clip_arch})"
+    )
     out = ckpt.run_dir(cfg.train.output_dir, cfg.train.exp_name)
     resume_from = check_resume(cfg, out, eng.world_size_from_env())
     lock = None
@@ -191,14 +227,14 @@ class Trainer:
     """One rank's share of a run: the engine, where the run is (step, epoch, best, data position), the steps,
     validation, checkpoints and logs. Every method that touches a collective is called by every rank."""
 
-    def __init__(self, cfg: Config, ds_config: dict, urls: list[str], out: str, resume_from: str | None,
-                 signals: dict):
+    def __init__(self, cfg: Config, ds_config: dict, urls: list[str], out: str, resume_from: str | None, signals: dict):
         info = dist.init()
         self.cfg, self.urls, self.out, self.signals = cfg, urls, out, signals
         self.rank, self.world, self.device = info.rank, info.world, info.device
         self.ckpt_dir = os.path.join(out, "checkpoints")
-        self.tokenizer = load_tokenizer(resolve_tokenizer(cfg.eval.tokenizer, cfg.model.clip_path,
-                                                          cfg.train.train_shards))
+        self.tokenizer = load_tokenizer(
+            resolve_tokenizer(cfg.eval.tokenizer, cfg.model.clip_path, cfg.train.train_shards)
+        )
         self.micro_batch_size = ds_config["train_micro_batch_size_per_gpu"]  # per rank, per micro-step
         self.accum = ds_config["gradient_accumulation_steps"]
         n_samples = cfg.train.train_num_samples or samples_per_epoch(urls, cfg.data.caption_sampling)
@@ -216,15 +252,20 @@ class Trainer:
         self.step, self.epoch, self.best = 0, 0, {"t2v_R@1": -1.0, "step": None}
         self.position = StreamPosition(streams=max(1, cfg.data.num_workers))
         if resume_from is not None:
-            _, client = self.engine.load_checkpoint(self.ckpt_dir, tag=resume_from, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+            _, client = self.engine.load_checkpoint(
+                self.ckpt_dir, tag=resume_from, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
             self.load_state_dict(client)
         self.log = RunLog(out, self.rank == 0, self.step, self.total_steps, cfg.to_json())
         if self.step:
-            self.log.line(f"resumed from {self.ckpt_dir} at step {self.step} (epoch {self.epoch}, checkpoint "
-                          f"{resume_from})")
-        self.samples_log = open(os.path.join(out, f"samples-rank{self.rank}.jsonl"), "a", buffering=1) \
-            if cfg.train.log_samples else None
+            self.log.line(
+                f"resumed from {self.ckpt_dir} at step {self.step} (epoch {self.epoch}, checkpoint {resume_from})"
+            )
+        self.samples_log = (
+            open(os.path.join(out, f"samples-rank{self.rank}.jsonl"), "a", buffering=1)
+            if cfg.train.log_samples
+            else None
+        )
         self.meter, self.stats, self.micro_in_step = Meter(), {}, 0
         self.done = {"saved": None, "validated": None}
 
@@ -237,9 +278,15 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """The checkpoint's client state: where the run is, and every rank's data position and RNG state."""
-        return {"step": self.step, "epoch": self.epoch, "best": self.best, "world": self.world,
-                "config": self.cfg.to_dict(), "positions": dist.gather_objects([self.position.state_dict()]),
-                "rng": dist.gather_objects([_rng_state()])}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "best": self.best,
+            "world": self.world,
+            "config": self.cfg.to_dict(),
+            "positions": dist.gather_objects([self.position.state_dict()]),
+            "rng": dist.gather_objects([_rng_state()]),
+        }
 
     def load_state_dict(self, client: dict) -> None:
         self.step, self.epoch, self.best = client["step"], client["epoch"], client["best"]
@@ -251,8 +298,9 @@ class Trainer:
 
     def checkpoint(self) -> None:
         if self.done["saved"] != self.step:
-            ckpt.save(self.engine, self.ckpt_dir, f"step{self.step}", self.state_dict(), self.meta(),
-                      self.cfg.train.keep_last)
+            ckpt.save(
+                self.engine, self.ckpt_dir, f"step{self.step}", self.state_dict(), self.meta(), self.cfg.train.keep_last
+            )
             self.done["saved"] = self.step
 
     # ---------------------------------------------------------------------------------------- steps
@@ -262,15 +310,27 @@ class Trainer:
         cfg, dev, dim, n = self.cfg, self.device, self.engine.module.dim, self.micro_batch_size * self.world
         video = normalize(batch["video"].to(dev, non_blocking=True)).to(self.dtype)
         key = (cfg.seed, "train", self.step, self.micro_in_step)
-        eps = torch.zeros(n, dim, device=dev) if cfg.model.deterministic_text else keyed_noise(
-            key, torch.arange(n), 1, dim, cfg.model.stochastic_prior, cfg.model.stochastic_prior_std, dev)[:, 0]
+        eps = (
+            torch.zeros(n, dim, device=dev)
+            if cfg.model.deterministic_text
+            else keyed_noise(
+                key, torch.arange(n), 1, dim, cfg.model.stochastic_prior, cfg.model.stochastic_prior_std, dev
+            )[:, 0]
+        )
         video_ids = None
         if cfg.train.multi_positive:  # the global batch's video of every pair, as 63-bit key hashes
             local = torch.tensor([key_hash(k) for k in batch["keys"]], dtype=torch.long, device=dev)
             video_ids = dist.gather_rows(local)
-        out = self.engine(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), video, eps,
-                          offset=self.rank * self.micro_batch_size, gather=dist.gather_with_grad,
-                          video_ids=video_ids, dropout_stream=(cfg.seed, "dropout", self.step, self.micro_in_step))
+        out = self.engine(
+            batch["input_ids"].to(dev),
+            batch["attention_mask"].to(dev),
+            video,
+            eps,
+            offset=self.rank * self.micro_batch_size,
+            gather=dist.gather_with_grad,
+            video_ids=video_ids,
+            dropout_stream=(cfg.seed, "dropout", self.step, self.micro_in_step),
+        )
         self.engine.backward(out["loss"])
         self.engine.step()
         return out
@@ -303,9 +363,18 @@ class Trainer:
     def run_epoch(self) -> str:
         """This epoch's batches from the current position: "epoch" when it ends, else why the run stops."""
         cfg = self.cfg
-        stream = TrainStream(self.urls, cfg.data, self.tokenizer, self.steps_per_epoch * self.accum,
-                             batch_size=self.micro_batch_size, num_frames=cfg.model.num_frames, seed=cfg.seed,
-                             rank=self.rank, world=self.world, position=self.position)
+        stream = TrainStream(
+            self.urls,
+            cfg.data,
+            self.tokenizer,
+            self.steps_per_epoch * self.accum,
+            batch_size=self.micro_batch_size,
+            num_frames=cfg.model.num_frames,
+            seed=cfg.seed,
+            rank=self.rank,
+            world=self.world,
+            position=self.position,
+        )
         t_wait = time.perf_counter()
         for batch in make_loader(stream, self.cfg.data.num_workers):
             self.meter.wait += time.perf_counter() - t_wait
@@ -313,8 +382,17 @@ class Trainer:
             out = self.train_step(batch)
             self.position.advance(batch)
             if self.samples_log:
-                self.samples_log.write(json.dumps({"step": self.step, "micro": self.micro_in_step,
-                                                   "keys": batch["keys"], "captions": batch["captions"]}) + "\n")
+                self.samples_log.write(
+                    json.dumps(
+                        {
+                            "step": self.step,
+                            "micro": self.micro_in_step,
+                            "keys": batch["keys"],
+                            "captions": batch["captions"],
+                        }
+                    )
+                    + "\n"
+                )
             self.meter.add(out, len(batch["keys"]))
             self.micro_in_step += 1
             if self.micro_in_step == self.accum:
@@ -343,18 +421,26 @@ class Trainer:
             check_bad_fraction(gathered_skips(self.stats), self.cfg.data.max_bad_fraction, min_seen=1)
         self.checkpoint()
         if stopped_by:
-            self.log.line(f"stopped by a signal at step {self.step}: checkpoint saved; rerun the same command to "
-                          f"resume")
+            self.log.line(
+                f"stopped by a signal at step {self.step}: checkpoint saved; rerun the same command to resume"
+            )
         else:
             self.validate()
         return self.finish(stopped_by)
 
     def finish(self, stopped_by: str | None) -> dict:
-        summary = {"step": self.step, "epoch": self.step // self.steps_per_epoch,  # epochs completed
-                   "world": self.world,
-                   "best": {k: v for k, v in self.best.items() if k != "results"}, "stopped_by": stopped_by,
-                   "run_dir": self.out, "checkpoints": self.ckpt_dir, "tensorboard": os.path.join(self.out, "tb"),
-                   "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
+        summary = {
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,  # epochs completed
+            "world": self.world,
+            "best": {k: v for k, v in self.best.items() if k != "results"},
+            "stopped_by": stopped_by,
+            "run_dir": self.out,
+            "checkpoints": self.ckpt_dir,
+            "tensorboard": os.path.join(self.out, "tb"),
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+        }
         if self.rank == 0:
             write_json_atomic(os.path.join(self.out, "summary.json"), summary)
         self.log.close()
@@ -374,21 +460,39 @@ class Trainer:
         self.done["validated"] = self.step
         from .evaluate import evaluate
 
-        stream = EvalStream(expand_shards(cfg.train.val_shards), cfg.data, self.tokenizer, cfg.eval.eval_batch_size,
-                            num_frames=cfg.model.num_frames, rank=self.rank, world=self.world)
+        stream = EvalStream(
+            expand_shards(cfg.train.val_shards),
+            cfg.data,
+            self.tokenizer,
+            cfg.eval.eval_batch_size,
+            num_frames=cfg.model.num_frames,
+            rank=self.rank,
+            world=self.world,
+        )
         with eng.whole_parameters(self.engine.module):  # the scorer reads weights outside module calls
-            results = evaluate(self.engine.module, make_loader(stream, cfg.data.num_workers), cfg.eval, cfg.seed,
-                               self.device, autocast_dtype=self.dtype, max_bad_fraction=cfg.data.max_bad_fraction)
-        self.log.scalars({f"val/{d}_{k}": results[d][k] for d in ("t2v", "v2t")
-                          for k in ("R@1", "R@5", "R@10", "MdR", "MnR")}, self.step)
+            results = evaluate(
+                self.engine.module,
+                make_loader(stream, cfg.data.num_workers),
+                cfg.eval,
+                cfg.seed,
+                self.device,
+                autocast_dtype=self.dtype,
+                max_bad_fraction=cfg.data.max_bad_fraction,
+            )
+        self.log.scalars(
+            {f"val/{d}_{k}": results[d][k] for d in ("t2v", "v2t") for k in ("R@1", "R@5", "R@10", "MdR", "MnR")},
+            self.step,
+        )
         if results["t2v"]["R@1"] > self.best["t2v_R@1"]:
             self.best = {"t2v_R@1": results["t2v"]["R@1"], "step": self.step, "results": results}
             ckpt.save(self.engine, self.ckpt_dir, "best", self.state_dict(), self.meta(), None, latest=False)
             if self.rank == 0:
                 write_json_atomic(os.path.join(self.out, "best.json"), self.best)
-        self.log.line(f"step {self.step} val t2v R@1 {results['t2v']['R@1']:.2f} R@5 {results['t2v']['R@5']:.2f} "
-                      f"v2t R@1 {results['v2t']['R@1']:.2f} (best {self.best['t2v_R@1']:.2f} at step "
-                      f"{self.best['step']})")
+        self.log.line(
+            f"step {self.step} val t2v R@1 {results['t2v']['R@1']:.2f} R@5 {results['t2v']['R@5']:.2f} "
+            f"v2t R@1 {results['v2t']['R@1']:.2f} (best {self.best['t2v_R@1']:.2f} at step "
+            f"{self.best['step']})"
+        )
         return results
 
     def log_step(self) -> None:
@@ -403,7 +507,9 @@ class Trainer:
                 scalars["train/grad_norm"] = float(norm)
             scalars |= {f"data/skipped_{r.replace(' ', '_')}": n for r, n in merged["reasons"].items()}
             self.log.scalars(scalars, self.step)
-            self.log.line(f"step {self.step} loss {scalars['train/loss']:.4f} lr {max(lrs.values()):.2e} "
-                          f"logit_scale {scalars['train/logit_scale']:.3f} {scalars['perf/samples_per_s']:.1f} "
-                          f"samples/s data wait {100 * scalars['perf/data_wait_fraction']:.0f}%")
+            self.log.line(
+                f"step {self.step} loss {scalars['train/loss']:.4f} lr {max(lrs.values()):.2e} "
+                f"logit_scale {scalars['train/logit_scale']:.3f} {scalars['perf/samples_per_s']:.1f} "
+                f"samples/s data wait {100 * scalars['perf/data_wait_fraction']:.0f}%"
+            )
         self.meter = Meter()

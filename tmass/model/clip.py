@@ -6,6 +6,7 @@
 We call the sub-models and projections directly rather than `get_*_features`, whose return type changed in
 transformers 5 (`.pooler_output` where there was a tensor).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,8 @@ _HUB_HINT = (
     "--clip_path takes a local directory holding a HF CLIP checkpoint (config.json and model.safetensors "
     "or pytorch_model.bin), or a hub name already in the HF cache; nothing is downloaded at run time. On a "
     "machine with network, fetch it once, e.g. `huggingface-cli download openai/clip-vit-base-patch16` (into "
-    "the cache that HF_HOME or HF_HUB_CACHE names) or with `--local-dir /shared/clip-vit-base-patch16`.")
+    "the cache that HF_HOME or HF_HUB_CACHE names) or with `--local-dir /shared/clip-vit-base-patch16`."
+)
 
 
 def resolve_clip_path(clip_path: str) -> str:
@@ -32,41 +34,45 @@ def resolve_clip_path(clip_path: str) -> str:
     if len(parts) == 2 and all(parts) and not clip_path.startswith((".", "~")):
         from huggingface_hub import snapshot_download
 
-        cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub")
-                                                   if os.environ.get("HF_HOME") else None)
+        cache = os.environ.get("HF_HUB_CACHE") or (
+            os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
+        )
         try:
             return snapshot_download(clip_path, cache_dir=cache, local_files_only=True)
         except Exception as e:  # noqa: BLE001 (LocalEntryNotFoundError, a broken cache, ...)
-            raise ConfigError(f"--clip_path {clip_path}: not in the HF cache {cache or '(the default)'} "
-                                    f"({type(e).__name__}). {_HUB_HINT}") from None
+            raise ConfigError(
+                f"--clip_path {clip_path}: not in the HF cache {cache or '(the default)'} "
+                f"({type(e).__name__}). {_HUB_HINT}"
+            ) from None
     raise ConfigError(f"--clip_path {clip_path!r} is not a directory. {_HUB_HINT}")
+
+
+# (width, MLP width, layers, heads) of each tower, the frame size and patch, and the projection dimension
+_TOWERS = {  # name: (text tower, vision tower, image size, patch size, projection)
+    "ViT-B/32": ((512, 2048, 12, 8), (768, 3072, 12, 12), 224, 32, 512),
+    "ViT-B/16": ((512, 2048, 12, 8), (768, 3072, 12, 12), 224, 16, 512),
+    "ViT-L/14": ((768, 3072, 12, 12), (1024, 4096, 24, 16), 224, 14, 768),
+    "ViT-L/14-336": ((768, 3072, 12, 12), (1024, 4096, 24, 16), 336, 14, 768),
+    "small": ((128, 256, 2, 4), (128, 256, 4, 4), 64, 8, 64),  # the demo's: 64x64 frames in 8x8 patches
+    "tiny": ((64, 128, 2, 4), (64, 128, 2, 4), 32, 16, 32),  # the tests'
+}
 
 
 def clip_config(arch: str) -> CLIPConfig:
     """The architecture of OpenAI's CLIP ViT-B/32, ViT-B/16, ViT-L/14 or ViT-L/14-336 (for random weights; with
     --clip_path the checkpoint's own config.json decides); `small` (the demo's) or `tiny` (the tests')."""
-    text = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-                max_position_embeddings=77, vocab_size=49408)
-    if arch in ("ViT-L/14", "ViT-L/14-336"):
-        text.update(hidden_size=768, intermediate_size=3072, num_attention_heads=12)
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                      image_size=336 if arch.endswith("336") else 224, patch_size=14)
-        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)
-    if arch in ("ViT-B/32", "ViT-B/16"):
-        vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                      image_size=224, patch_size=int(arch[-2:]))
-        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)
-    if arch == "small":  # the demo's: 64x64 frames in 8x8 patches, enough to see where small shapes move
-        text.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
-        vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      image_size=64, patch_size=8)
-        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)
-    if arch == "tiny":
-        text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      image_size=32, patch_size=16)
-        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
-    raise ValueError(f"unknown clip_arch {arch!r}")
+    if arch not in _TOWERS:
+        raise ValueError(f"unknown clip_arch {arch!r}")
+    text, vision, image_size, patch_size, projection = _TOWERS[arch]
+
+    def tower(width: int, mlp: int, layers: int, heads: int) -> dict:
+        return dict(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads)
+
+    return CLIPConfig(
+        text_config=tower(*text) | dict(max_position_embeddings=77, vocab_size=49408),
+        vision_config=tower(*vision) | dict(image_size=image_size, patch_size=patch_size),
+        projection_dim=projection,
+    )
 
 
 def build_clip(clip_path: str | None = None, arch: str = "ViT-B/32", config: CLIPConfig | None = None) -> CLIPModel:

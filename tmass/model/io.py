@@ -13,6 +13,7 @@ Export directory:
     tmass_head.safetensors           pool_frames.* and radius.*
     tmass_config.json                the ModelConfig
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,11 @@ from ..errors import DataError
 from .clip import one_element_logit_scale
 from .tmass import TMASS
 
-IGNORED_UPSTREAM_KEYS = {"clip.text_model.embeddings.position_ids", "clip.vision_model.embeddings.position_ids",
-                         "stochastic.std_branch.learnable_scalar"}
+IGNORED_UPSTREAM_KEYS = {
+    "clip.text_model.embeddings.position_ids",
+    "clip.vision_model.embeddings.position_ids",
+    "stochastic.std_branch.learnable_scalar",
+}
 RENAMES = {"stochastic.std_branch.linear_proj.": "radius.linear_proj."}
 
 
@@ -48,8 +52,10 @@ def read_torch_file(path: str) -> dict:
     with open(path, "rb") as f:
         head = f.read(4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
-        raise CheckpointMismatch(f"{path} is not a readable torch checkpoint (neither torch's zip format nor a "
-                                 f"pickle); pass a .pth file, a run directory or an export directory")
+        raise CheckpointMismatch(
+            f"{path} is not a readable torch checkpoint (neither torch's zip format nor a "
+            f"pickle); pass a .pth file, a run directory or an export directory"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -57,12 +63,16 @@ def read_torch_file(path: str) -> dict:
             first = (str(e).splitlines() or [""])[0][:200]
             raise CheckpointMismatch(f"{path} is not a readable torch checkpoint ({first})") from None
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UnsafeCheckpoint(f"{path} holds more than tensors and plain containers ({first}); tmass loads "
-                               f"checkpoints as data only and will not unpickle it. Re-save its state_dict "
-                               f"with torch.save({{'state_dict': ...}}) from a trusted session.") from None
+        raise UnsafeCheckpoint(
+            f"{path} holds more than tensors and plain containers ({first}); tmass loads "
+            f"checkpoints as data only and will not unpickle it. Re-save its state_dict "
+            f"with torch.save({{'state_dict': ...}}) from a trusted session."
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated, not a torch file, ...
-        raise CheckpointMismatch(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
-                                 f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
+        raise CheckpointMismatch(
+            f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
+            f"{(str(e).strip().splitlines() or [''])[0][:200]})"
+        ) from None
 
 
 def upstream_to_tmass(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -73,7 +83,7 @@ def upstream_to_tmass(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             continue
         for old, new in RENAMES.items():
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
         if key == "clip.logit_scale":
             value = value.reshape(1)
         out[key] = value
@@ -84,16 +94,29 @@ def load_state_strict(model: TMASS, state: dict[str, torch.Tensor], source: str)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if own[k].shape != state[k].shape
+    ]
     if missing or unexpected or shapes:
+
         def head(xs):
             return ", ".join(xs[:8]) + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")
+
         raise CheckpointMismatch(
             f"{source} does not fit the model built from the flags (--clip_arch {model.cfg.clip_arch}, "
             f"--num_frames {model.cfg.num_frames}): "
-            + "; ".join(p for p in (missing and f"missing {head(missing)}", unexpected and f"unexpected "
-                                    f"{head(unexpected)}", shapes and f"shape {head(shapes)}") if p))
+            + "; ".join(
+                p
+                for p in (
+                    missing and f"missing {head(missing)}",
+                    unexpected and f"unexpected {head(unexpected)}",
+                    shapes and f"shape {head(shapes)}",
+                )
+                if p
+            )
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -113,8 +136,9 @@ def export_hf(model: TMASS, out_dir: str) -> None:
     clip_state = {k: v.detach().float().cpu().contiguous() for k, v in model.clip.state_dict().items()}
     clip_state["logit_scale"] = clip_state["logit_scale"].reshape(())  # HF's own shape
     model.clip.save_pretrained(out_dir, state_dict=clip_state)
-    head = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
-            if not k.startswith("clip.")}
+    head = {
+        k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("clip.")
+    }
     save_file(head, os.path.join(out_dir, "tmass_head.safetensors"))
     with open(os.path.join(out_dir, "tmass_config.json"), "w") as f:
         json.dump(dataclasses.asdict(model.cfg) | {"clip_path": None}, f, indent=1, sort_keys=True)
@@ -127,7 +151,8 @@ def load_hf(out_dir: str, **overrides) -> TMASS:
     clip = CLIPModel.from_pretrained(out_dir, local_files_only=True)
     one_element_logit_scale(clip)
     model = TMASS(cfg, clip=clip)
-    state = {f"clip.{k}": v for k, v in clip.state_dict().items()} | load_file(os.path.join(out_dir,
-                                                                                           "tmass_head.safetensors"))
+    state = {f"clip.{k}": v for k, v in clip.state_dict().items()} | load_file(
+        os.path.join(out_dir, "tmass_head.safetensors")
+    )
     load_state_strict(model, state, out_dir)
     return model

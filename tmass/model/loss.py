@@ -11,6 +11,7 @@ texts against all videos (rows of s) and its local videos against all texts (col
 tensors are [B, b, D] and [b, B, D], never [B, B, D]. The mean over ranks of the rank losses is L over the
 global batch, and `gather` (an all-gather with gradients) carries every gradient home.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,13 @@ def pair_cosines(text: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     return torch.einsum("td,vtd->tv", F.normalize(text.float(), dim=-1), F.normalize(pooled.float(), dim=-1))
 
 
-def symmetric_infonce(s_rows: torch.Tensor, s_cols: torch.Tensor, offset: int, logit_scale: torch.Tensor,
-                      positives: torch.Tensor | None = None) -> torch.Tensor:
+def symmetric_infonce(
+    s_rows: torch.Tensor,
+    s_cols: torch.Tensor,
+    offset: int,
+    logit_scale: torch.Tensor,
+    positives: torch.Tensor | None = None,
+) -> torch.Tensor:
     """1/2 [CE(tau s_rows, offset + j) + CE(tau s_cols, offset + i)]; s_rows [b, B] local texts x all videos,
     s_cols [b, B] local videos x all texts (s_cols = s_rows^T on one process).
     With `positives` [b, B] (pairs of the same video), each row's target is the set of its positives:
@@ -49,10 +55,52 @@ def symmetric_infonce(s_rows: torch.Tensor, s_cols: torch.Tensor, offset: int, l
     return 0.5 * (multi(s_rows) + multi(s_cols))
 
 
-def tmass_loss(pool: TextConditionedPool, radius: Callable, logit_scale: torch.Tensor, t_loc: torch.Tensor,
-               f_loc: torch.Tensor, eps_all: torch.Tensor, *, offset: int = 0, gather: Gather | None = None,
-               support_weight: float = 0.0, support_center: str = "upstream",
-               video_ids: torch.Tensor | None = None, dropout_stream: tuple | None = None) -> dict[str, torch.Tensor]:
+def pooled_both_ways(
+    pool: TextConditionedPool,
+    t_all: torch.Tensor,
+    f_all: torch.Tensor,
+    rows: slice,
+    single: bool,
+    dropout_stream: tuple | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """psi(v_i | t_j) for the local texts against all videos [B, b, D], and for the local videos against all
+    texts [b, B, D] (the same tensor on one process). Each half of the pooling runs once per pair; the dropout
+    masks are keyed by the pairs' global (video, text) ids."""
+    q_all, side_all = pool.text_side(t_all), pool.video_side(f_all)
+    key_rows = key_cols = None
+    if dropout_stream is not None:
+        every = torch.arange(t_all.shape[0], device=t_all.device)
+        local = every[rows]
+        key_rows, key_cols = (dropout_stream, every, local), (dropout_stream, local, every)
+    v_rows = pool.pool(q_all[rows], side_all, dropout_key=key_rows)
+    v_cols = v_rows if single else pool.pool(q_all, side_all[rows], dropout_key=key_cols)
+    return v_rows, v_cols
+
+
+def support_center_of(v_cols: torch.Tensor, offset: int, mode: str) -> torch.Tensor:
+    """The support text's centre for each local video i, from v_cols [b, B, D] -> [b, D]: "upstream" averages
+    video i pooled with every text of the batch, "paper" takes video i pooled with its own text."""
+    if mode == "upstream":
+        return v_cols.mean(dim=1)
+    b = v_cols.shape[0]
+    return v_cols[torch.arange(b), torch.arange(offset, offset + b)]
+
+
+def tmass_loss(
+    pool: TextConditionedPool,
+    radius: Callable,
+    logit_scale: torch.Tensor,
+    t_loc: torch.Tensor,
+    f_loc: torch.Tensor,
+    eps_all: torch.Tensor,
+    *,
+    offset: int = 0,
+    gather: Gather | None = None,
+    support_weight: float = 0.0,
+    support_center: str = "upstream",
+    video_ids: torch.Tensor | None = None,
+    dropout_stream: tuple | None = None,
+) -> dict[str, torch.Tensor]:
     """The loss of one rank. t_loc [b, D] and f_loc [b, F, D] are its pairs; eps_all [B, D] is the noise of
     every pair of the global batch (the same on every rank). Without `gather`, b = B (one process).
     video_ids [B] (the global batch's video of each pair) turns on multi-positive InfoNCE: pairs of the same
@@ -62,16 +110,9 @@ def tmass_loss(pool: TextConditionedPool, radius: Callable, logit_scale: torch.T
     single = gather is None
     t_all = t_loc if single else gather(t_loc)  # [B, D]
     f_all = f_loc if single else gather(f_loc)  # [B, F, D]
-    b, rows = t_loc.shape[0], slice(offset, offset + t_loc.shape[0])
+    rows = slice(offset, offset + t_loc.shape[0])  # the local pairs' global ids
     r_all = radius(paired_cosines(t_all, f_all))  # [B, D], each text's radius from its own video
-    q_all, side_all = pool.text_side(t_all), pool.video_side(f_all)  # each half of the pooling once per pair
-    key_rows = key_cols = None  # the dropout masks' pairs, by their global (video, text) ids
-    if dropout_stream is not None:
-        every = torch.arange(t_all.shape[0], device=t_all.device)
-        local = every[rows]
-        key_rows, key_cols = (dropout_stream, every, local), (dropout_stream, local, every)
-    v_rows = pool.pool(q_all[rows], side_all, dropout_key=key_rows)  # [B, b, D]: all videos, local texts
-    v_cols = v_rows if single else pool.pool(q_all, side_all[rows], dropout_key=key_cols)  # [b, B, D]
+    v_rows, v_cols = pooled_both_ways(pool, t_all, f_all, rows, single, dropout_stream)
 
     positives = None if video_ids is None else video_ids[rows, None] == video_ids[None, :]  # [b, B], symmetric
 
@@ -81,13 +122,13 @@ def tmass_loss(pool: TextConditionedPool, radius: Callable, logit_scale: torch.T
         return symmetric_infonce(s_rows, s_cols, offset, logit_scale, positives)
 
     loss_s = loss_for(stochastic_text(t_all, r_all, eps_all))
-    out = {"loss_stochastic": loss_s.detach(), "radius_l1": r_all[rows].sum(-1).mean().detach(),
-           "logit_scale": logit_scale.detach().reshape(())}
+    out = {
+        "loss_stochastic": loss_s.detach(),
+        "radius_l1": r_all[rows].sum(-1).mean().detach(),
+        "logit_scale": logit_scale.detach().reshape(()),
+    }
     if support_weight > 0:
-        if support_center == "upstream":  # video i pooled with every text of the batch, averaged
-            center_loc = v_cols.mean(dim=1)
-        else:  # "paper": video i pooled with its own text
-            center_loc = v_cols[torch.arange(b), torch.arange(offset, offset + b)]
+        center_loc = support_center_of(v_cols, offset, support_center)
         center_all = center_loc if single else gather(center_loc)
         loss_sup = loss_for(support_text(t_all, r_all, center_all))
         out["loss_support"] = loss_sup.detach()

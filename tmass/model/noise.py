@@ -9,6 +9,7 @@ not on the world size or the chunk size.
 mix32 is a bijection of 32-bit words (Wellons' "lowbias32"). The words are int32 lanes read as unsigned: sums and
 products wrap mod 2^32 (two's complement, on every backend torch has), right shifts are masked to be logical.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,6 @@ import typing
 from typing import NamedTuple
 
 import torch
-
-
 
 
 def _i32(c: int) -> int:
@@ -78,16 +77,23 @@ def counter_noise(keys: torch.Tensor, table: torch.Tensor, prior: str, std: floa
     raise ValueError(f"unknown stochastic prior {prior!r}")
 
 
-def keyed_noise(stream: tuple, rows: torch.Tensor, trials: int, dim: int, prior: str, std: float,
-                device: torch.device | str = "cpu") -> torch.Tensor:
+def keyed_noise(
+    stream: tuple, rows: torch.Tensor, trials: int, dim: int, prior: str, std: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """eps [len(rows), M, D] of rows `rows` (integer ids) of `stream`: row r holds the same numbers however the
     rows are fetched, so results do not depend on the world size or the chunk size."""
     table = noise_table(stream, trials, dim, device)
     return counter_noise(row_keys(stream, torch.as_tensor(rows, device=device)), table, prior, std)
 
 
-def pair_dropout_mask(stream: tuple, video_ids: torch.Tensor, text_ids: torch.Tensor, dim: int, p: float,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def pair_dropout_mask(
+    stream: tuple,
+    video_ids: torch.Tensor,
+    text_ids: torch.Tensor,
+    dim: int,
+    p: float,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Dropout's multiplier for pairs (video i, text j) of a batch, [N_v, N_t, D]:
         m[i, j, d] = 1[u(stream, i, j, d) >= p] / (1 - p),   u the counter-based uniform above
     a pure function of the pair's global ids, so a pair has one mask whichever rank pools it and in whichever
@@ -114,8 +120,9 @@ class PerTextTrials(NamedTuple):
     eps2: torch.Tensor  # (eps * eps)^T [c_t, D, M]
 
     @classmethod
-    def for_texts(cls, seed: int, ids: torch.Tensor, t: torch.Tensor, trials: int, prior: str, std: float,
-                  **_) -> "PerTextTrials":
+    def for_texts(
+        cls, seed: int, ids: torch.Tensor, t: torch.Tensor, trials: int, prior: str, std: float, **_
+    ) -> "PerTextTrials":
         eps = keyed_noise((seed, "text"), ids, trials, t.shape[1], prior, std, t.device)
         return cls(eps, eps.transpose(1, 2), (t.float()[:, None, :] * eps).transpose(1, 2), (eps * eps).transpose(1, 2))
 
@@ -158,8 +165,15 @@ def per_pair_cosines(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, eps
     return (base[..., None] + a) * norm2.clamp_min(1e-12).rsqrt()
 
 
-def per_pair_best(t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, keys: torch.Tensor, table: torch.Tensor,
-                  prior: str, std: float) -> torch.Tensor:
+def per_pair_best(
+    t: torch.Tensor,
+    radius: torch.Tensor,
+    p: torch.Tensor,
+    keys: torch.Tensor,
+    table: torch.Tensor,
+    prior: str,
+    std: float,
+) -> torch.Tensor:
     """max_m over per_pair_cosines [c_t, c_v], eps drawn from the pairs' keys [c_t, c_v]: what --eval_compile
     compiles, so that each eps is hashed inside the kernel where the sums over D use it."""
     return per_pair_cosines(t, radius, p, counter_noise(keys, table, prior, std)).amax(dim=-1)
@@ -178,8 +192,17 @@ class PerPairTrials(NamedTuple):
     keys: torch.Tensor | None = None  # [c_t, c_v], once for_videos is called
 
     @classmethod
-    def for_texts(cls, seed: int, ids: torch.Tensor, t: torch.Tensor, trials: int, prior: str, std: float,
-                  table: torch.Tensor | None = None, kernel: typing.Callable | None = None) -> "PerPairTrials":
+    def for_texts(
+        cls,
+        seed: int,
+        ids: torch.Tensor,
+        t: torch.Tensor,
+        trials: int,
+        prior: str,
+        std: float,
+        table: torch.Tensor | None = None,
+        kernel: typing.Callable | None = None,
+    ) -> "PerPairTrials":
         table = noise_table((seed, "pair"), trials, t.shape[1], t.device) if table is None else table
         return cls(seed, ids, table, prior, std, kernel or per_pair_best)
 

@@ -23,6 +23,7 @@ and LN3 folds in the same way: with the rows X = [Y; c0] centred over D and thei
 so psi(v_i | t_j) = c_ij B_i: coefficients c = [x / s3, 1] [N_v, N_t, F+2] times a basis B = [gamma3 * X; beta3]
 [N_v, F+2, D] made once per video. A pair costs one O(F D) product, which writes psi and nothing else.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,13 +92,14 @@ class TextConditionedPool(nn.Module):
         if 0 < block < len(frames):
             out = None
             for i in range(0, len(frames), block):
-                part = self.video_side(frames[i:i + block])
+                part = self.video_side(frames[i : i + block])
                 if out is None:
-                    out = VideoSide(*(None if x is None else x.new_empty((len(frames), *x.shape[1:]))
-                                      for x in part.parts()))
+                    out = VideoSide(
+                        *(None if x is None else x.new_empty((len(frames), *x.shape[1:])) for x in part.parts())
+                    )
                 for o, x in zip(out.parts(), part.parts()):
                     if o is not None:
-                        o[i:i + len(x)] = x
+                        o[i : i + len(x)] = x
             return out
         f = self.layer_norm1(frames)
         u = self.cross_attn.values(f)
@@ -136,8 +138,15 @@ class TextConditionedPool(nn.Module):
         var = torch.einsum("vtf,vfg,vtg->vt", x, side.gram3, x) / side.keys.shape[-1]  # x^T G3 x / D
         return torch.cat([x * torch.rsqrt(var + self.layer_norm3.eps)[..., None], one], dim=-1)
 
-    def pool(self, queries: torch.Tensor, side: VideoSide, text_major: bool = False, unit: bool = False,
-             out: torch.Tensor | None = None, dropout_key: tuple | None = None) -> torch.Tensor:
+    def pool(
+        self,
+        queries: torch.Tensor,
+        side: VideoSide,
+        text_major: bool = False,
+        unit: bool = False,
+        out: torch.Tensor | None = None,
+        dropout_key: tuple | None = None,
+    ) -> torch.Tensor:
         """Prepared texts (text_side) against prepared videos (video_side) -> psi [N_v, N_t, D] (a [N_t, N_v, D]
         view if text_major); O(F D + F^2) per pair. unit: psi / |psi|, out of training through the coefficients,
         |psi|^2 = c^T (B B^T) c. `out` [N_v, N_t, D]: a buffer to write psi into, out of training.

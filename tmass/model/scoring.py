@@ -7,6 +7,7 @@
 
 The noise modes (per_text, per_pair) are tmass/model/noise.py's PerTextTrials and PerPairTrials.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,15 @@ def pooled(model: TMASS, q: torch.Tensor, side: VideoSide, ws: Workspace | None 
     return model.pool_frames.pool(q, side, text_major=True, unit=True, out=out).float()
 
 
-def pair_terms(model: TMASS, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor, f_inv: torch.Tensor,
-               ws: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_terms(
+    model: TMASS,
+    t: torch.Tensor,
+    q: torch.Tensor,
+    side: VideoSide,
+    f: torch.Tensor,
+    f_inv: torch.Tensor,
+    ws: Workspace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For texts t [c_t, D] (their pooling queries q) and a chunk of videos (frames f, their inverse norms f_inv
     [c_v, F], pooling half `side`): t, R(t_j, v_i) and psi(v_i | t_j) / |psi|, the last two [c_t, c_v, D], all
     fp32 (written into `ws` if given)."""
@@ -63,8 +71,16 @@ def pair_terms(model: TMASS, t: torch.Tensor, q: torch.Tensor, side: VideoSide, 
     return t, model.radius(all_cosines(t, f, f_inv), out=out), p
 
 
-def leaky_scores(model: TMASS, t: torch.Tensor, q: torch.Tensor, side: VideoSide, f: torch.Tensor, f_inv: torch.Tensor,
-                 trials: PerTextTrials | PerPairTrials, own_hat: torch.Tensor) -> torch.Tensor:
+def leaky_scores(
+    model: TMASS,
+    t: torch.Tensor,
+    q: torch.Tensor,
+    side: VideoSide,
+    f: torch.Tensor,
+    f_inv: torch.Tensor,
+    trials: PerTextTrials | PerPairTrials,
+    own_hat: torch.Tensor,
+) -> torch.Tensor:
     """--eval_protocol upstream (leaky): the trial is chosen against psi(v_i | t_j), then scored against the
     candidate pooled with its own caption, psi(v_i | t_i) (own_hat [c_v, D], normalised)."""
     t, radius, p = pair_terms(model, t, q, side, f, f_inv)
@@ -73,8 +89,9 @@ def leaky_scores(model: TMASS, t: torch.Tensor, q: torch.Tensor, side: VideoSide
     return torch.einsum("tvd,vd->tv", chosen, own_hat)
 
 
-def deterministic_scores(model: TMASS, t: torch.Tensor, q: torch.Tensor, side: VideoSide,
-                         own_hat: torch.Tensor | None = None) -> torch.Tensor:
+def deterministic_scores(
+    model: TMASS, t: torch.Tensor, q: torch.Tensor, side: VideoSide, own_hat: torch.Tensor | None = None
+) -> torch.Tensor:
     """cos(t_j, psi(v_i | t_j)) [c_t, c_v]: the X-Pool baseline, no trials. With own_hat [c_v, D] (--eval_protocol
     upstream, leaky): cos(t_j, psi(v_i | t_i)), upstream's procedure with one trial of zero noise (the chosen text
     is t_j itself, scored against the candidate pooled with its own caption)."""
@@ -105,10 +122,14 @@ def _compile_failed(cfg: EvalConfig, e: Exception) -> None:
     """--eval_compile yes stops with the fix; auto warns and goes on with the eager scorer."""
     if cfg.eval_compile == "yes":
         first_line = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ConfigError(f"--eval_compile yes, but torch.compile failed ({type(e).__name__}: {first_line}); "
-                          f"install a C++ compiler (g++) for CPU runs, or pass --eval_compile no") from e
-    print(f"warning: torch.compile failed ({type(e).__name__}); scoring without it (--eval_compile no silences "
-          f"this)", file=sys.stderr)
+        raise ConfigError(
+            f"--eval_compile yes, but torch.compile failed ({type(e).__name__}: {first_line}); "
+            f"install a C++ compiler (g++) for CPU runs, or pass --eval_compile no"
+        ) from e
+    print(
+        f"warning: torch.compile failed ({type(e).__name__}); scoring without it (--eval_compile no silences this)",
+        file=sys.stderr,
+    )
 
 
 def _block(start: int, stop: int, size: int, pad: bool, device) -> slice | torch.Tensor:
@@ -128,8 +149,35 @@ def _chunk(cfg: EvalConfig, n_rows: int, n_v: int, noise_per_pair: bool) -> tupl
 
 
 @torch.no_grad()
-def score_rows(model: TMASS, text: torch.Tensor, frames: torch.Tensor, rows: torch.Tensor, cfg: EvalConfig, seed: int,
-               own_hat: torch.Tensor | None = None, timings: dict | None = None) -> torch.Tensor:
+def _noise_args(model: TMASS, m: int = 0, dim: int = 0, seed: int = 0, kernel=None, device=None) -> dict:
+    """The trial noise's prior, and for per_pair noise the seed's table of M x D draws and the kernel."""
+    noise = {"prior": model.cfg.stochastic_prior, "std": model.cfg.stochastic_prior_std}
+    if m:
+        noise |= {"table": noise_table((seed, "pair"), m, dim, device), "kernel": kernel}
+    return noise
+
+
+def _block_scores(model, t, q, side, frames, f_inv, chunk, own_hat, ws, compiled) -> torch.Tensor:
+    """[c_t, c_v] scores of one block of texts against one block of videos: deterministic (chunk None), the
+    leaky protocol (own_hat given), or the best of the chunk's trials."""
+    if chunk is None:
+        return deterministic_scores(model, t, q, side, own_hat)
+    if own_hat is not None:
+        return leaky_scores(model, t, q, side, frames, f_inv, chunk, own_hat)
+    terms = pair_terms(model, t, q, side, frames, f_inv, ws)
+    return chunk.best(*terms, in_place=not compiled)  # terms: ws's scratch
+
+
+def score_rows(
+    model: TMASS,
+    text: torch.Tensor,
+    frames: torch.Tensor,
+    rows: torch.Tensor,
+    cfg: EvalConfig,
+    seed: int,
+    own_hat: torch.Tensor | None = None,
+    timings: dict | None = None,
+) -> torch.Tensor:
     """Scores [len(rows), N_v] of the texts `rows` (global ids into text [N_t, D]) against every video (frames
     [N_v, F, D]), chunk by chunk, with the text mass unless the model's cfg.deterministic_text (X-Pool).
     `timings` receives the first chunk's time (compilation included) and whether it was compiled."""
@@ -144,13 +192,9 @@ def score_rows(model: TMASS, text: torch.Tensor, frames: torch.Tensor, rows: tor
     pdtype = next(model.pool_frames.parameters()).dtype
     side = model.pool_frames.video_side(frames.to(pdtype), block=64)  # once per video: O(N_v F D)
     f_inv = inverse_norms(frames)  # 1 / |f| [N_v, F], once, for the radius's cosines
-    m, dim = cfg.stochastic_trials, text.shape[1]
-    mode = NOISE_MODES[cfg.trial_noise]
-    noise = {"prior": model.cfg.stochastic_prior, "std": model.cfg.stochastic_prior_std}
-    if per_pair:
-        noise |= {"table": noise_table((seed, "pair"), m, dim, device), "kernel": kernel}
-    ws = Workspace(device)
-    t0, first = time.perf_counter(), True
+    m, mode = cfg.stochastic_trials, NOISE_MODES[cfg.trial_noise]
+    noise = _noise_args(model, m, text.shape[1], seed, kernel, device) if per_pair else _noise_args(model)
+    ws, t0, first = Workspace(device), time.perf_counter(), True
     for a in range(0, len(rows), c_t):
         n_ids = min(c_t, len(rows) - a)
         ids = rows[_block(a, a + n_ids, c_t, compiled, device)]  # global text ids
@@ -163,21 +207,16 @@ def score_rows(model: TMASS, text: torch.Tensor, frames: torch.Tensor, rows: tor
             vids = _block(v, v + n_vids, c_v, compiled, device)
             video_ids = torch.arange(v, v + n_vids, device=device) if isinstance(vids, slice) else vids
             chunk = trials.for_videos(video_ids) if stochastic else None
-            if not stochastic:
-                s = deterministic_scores(model, t, q, side[vids], None if own_hat is None else own_hat[vids])
-            elif own_hat is not None:
-                s = leaky_scores(model, t, q, side[vids], frames[vids], f_inv[vids], chunk, own_hat[vids])
-            else:
-                try:  # the first compiled call compiles
-                    terms = pair_terms(model, t, q, side[vids], frames[vids], f_inv[vids], ws)
-                    s = chunk.best(*terms, in_place=not compiled)  # terms: ws's scratch
-                except Exception as e:  # noqa: BLE001 (no C++ compiler, an unsupported backend, ...)
-                    if not (compiled and first):
-                        raise
-                    _compile_failed(cfg, e)  # stops for --eval_compile yes; else again, eager, with its chunks
-                    return score_rows(model, text, frames, rows, dataclasses.replace(cfg, eval_compile="no"), seed,
-                                      own_hat, timings)
-            out[a:a + n_ids, v:v + n_vids] = s[:n_ids, :n_vids]
+            hat = None if own_hat is None else own_hat[vids]
+            try:  # the first compiled call compiles
+                s = _block_scores(model, t, q, side[vids], frames[vids], f_inv[vids], chunk, hat, ws, compiled)
+            except Exception as e:  # noqa: BLE001 (no C++ compiler, an unsupported backend, ...)
+                if not (compiled and first):
+                    raise
+                _compile_failed(cfg, e)  # stops for --eval_compile yes; else again, eager, with its chunks
+                eager = dataclasses.replace(cfg, eval_compile="no")
+                return score_rows(model, text, frames, rows, eager, seed, own_hat, timings)
+            out[a : a + n_ids, v : v + n_vids] = s[:n_ids, :n_vids]
             if first and timings is not None:
                 timings.update(first_chunk_s=round(time.perf_counter() - t0, 3), compiled=compiled)
             first = False
@@ -185,16 +224,19 @@ def score_rows(model: TMASS, text: torch.Tensor, frames: torch.Tensor, rows: tor
 
 
 @torch.no_grad()
-def own_caption_pooled(model: TMASS, text: torch.Tensor, frames: torch.Tensor,
-                       text_video: torch.Tensor) -> torch.Tensor:
+def own_caption_pooled(
+    model: TMASS, text: torch.Tensor, frames: torch.Tensor, text_video: torch.Tensor
+) -> torch.Tensor:
     """psi(v_i | t_i) for every video i with its own (only) caption, normalised: upstream's leaky candidate."""
     n_t, n_v = len(text_video), frames.shape[0]
     if n_t != n_v or not torch.equal(text_video, torch.arange(n_v, device=text_video.device)):
-        raise ConfigError(f"--eval_protocol upstream needs one caption per video (N_t = N_v); this test set has "
-                          f"N_t = {n_t} texts for N_v = {n_v} videos. Use the default leak-free protocol.")
+        raise ConfigError(
+            f"--eval_protocol upstream needs one caption per video (N_t = N_v); this test set has "
+            f"N_t = {n_t} texts for N_v = {n_v} videos. Use the default leak-free protocol."
+        )
     pdtype = next(model.pool_frames.parameters()).dtype
     out = []
     for v in range(0, n_v, 64):  # a block's videos with its texts [64, 64, D], of which the diagonal is kept
-        psi = model.pool_frames(text[v:v + 64].to(pdtype), frames[v:v + 64].to(pdtype))
+        psi = model.pool_frames(text[v : v + 64].to(pdtype), frames[v : v + 64].to(pdtype))
         out.append(F.normalize(psi.diagonal().T.float(), dim=-1))  # psi(v_i | t_i) [64, D]
     return torch.cat(out)

@@ -8,6 +8,7 @@ All of it runs in fp32, whatever precision the towers use: exp() of a bf16 radiu
     t_s       = t + R * eps,  eps ~ U[0, 1) or N(0, std^2)      (the stochastic text)
     t_sup     = t + R * (v_bar - t) / ||v_bar - t||             (the support text, on the mass's surface)
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,7 @@ def paired_cosines(text: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nd,nfd->nf", _unit(text), _unit(frames))
 
 
-def all_cosines(text: torch.Tensor, frames: torch.Tensor,
-                inv_frame_norms: torch.Tensor | None = None) -> torch.Tensor:
+def all_cosines(text: torch.Tensor, frames: torch.Tensor, inv_frame_norms: torch.Tensor | None = None) -> torch.Tensor:
     """S[j, i, k] = cos(t_j, f_{i,k}) = (t_j / |t_j|) . f_{i,k} / |f_{i,k}|. [N_t, D], [N_v, F, D] -> [N_t, N_v, F].
     inv_frame_norms [N_v, F] (inverse_norms(frames)), where given: made once for frames that meet many blocks of
     texts, as in evaluation, instead of again for each block."""

@@ -5,6 +5,7 @@
     R(t_j, v_i) = exp(W S + b)   [.., D]       (stochastic.py)
 The module knows nothing of DeepSpeed: a distributed caller passes `gather` and the batch offset.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,12 +50,31 @@ class TMASS(nn.Module):
             raise ValueError(f"video has {video.shape[1]} frames, the model {self.cfg.num_frames} (--num_frames)")
         return frame_features(self.clip, video)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, video: torch.Tensor,
-                eps: torch.Tensor, offset: int = 0, gather: Gather | None = None,
-                video_ids: torch.Tensor | None = None, dropout_stream: tuple | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        video: torch.Tensor,
+        eps: torch.Tensor,
+        offset: int = 0,
+        gather: Gather | None = None,
+        video_ids: torch.Tensor | None = None,
+        dropout_stream: tuple | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The training loss of this process's pairs; `eps` [B, D] is the noise of the whole (global) batch;
         `video_ids` [B] enables multi-positive pairs; `dropout_stream` keys the pooling's dropout per pair."""
         t, f = self.encode_text(input_ids, attention_mask), self.encode_frames(video)
-        return tmass_loss(self.pool_frames, self.radius, self.logit_scale, t, f, eps, offset=offset, gather=gather,
-                          support_weight=self.cfg.support_loss_weight, support_center=self.cfg.support_center,
-                          video_ids=video_ids, dropout_stream=dropout_stream)
+        return tmass_loss(
+            self.pool_frames,
+            self.radius,
+            self.logit_scale,
+            t,
+            f,
+            eps,
+            offset=offset,
+            gather=gather,
+            support_weight=self.cfg.support_loss_weight,
+            support_center=self.cfg.support_center,
+            video_ids=video_ids,
+            dropout_stream=dropout_stream,
+        )

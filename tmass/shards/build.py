@@ -8,6 +8,7 @@ Each sample in a shard:
     txt       the captions, one a line
 Bad input never stops the build: it is listed in the manifest with its reason.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,10 +48,18 @@ class BuildConfig:
         """Everything that decides the shards' content (and nothing that does not, such as workers)."""
         source_opts = asdict(self.source_opts)
         source_opts["num_videos"] = {k: v for k, v in source_opts["num_videos"].items() if k == split}
-        return json.loads(json.dumps({
-            "source": self.source, "split": split, "source_opts": source_opts,
-            "transcode": None if self.no_transcode else asdict(self.transcode),
-            "max_count": self.max_count, "max_size": self.max_size}))
+        return json.loads(
+            json.dumps(
+                {
+                    "source": self.source,
+                    "split": split,
+                    "source_opts": source_opts,
+                    "transcode": None if self.no_transcode else asdict(self.transcode),
+                    "max_count": self.max_count,
+                    "max_size": self.max_size,
+                }
+            )
+        )
 
 
 class TooManyFailures(Exception):
@@ -85,12 +94,15 @@ def _video_field(item: VideoItem, transcoded: bool) -> str:
     return ext if ext in VIDEO_EXTS else "mp4"
 
 
-def process(job: tuple[int, str, VideoItem], source: str,
-            opts: TranscodeOptions | None) -> tuple[int, dict | None, dict | None]:
+def process(
+    job: tuple[int, str, VideoItem], source: str, opts: TranscodeOptions | None
+) -> tuple[int, dict | None, dict | None]:
     """One input -> (index, sample, None) or (index, None, failure). Runs in a worker; never raises."""
     index, key, item = job
-    fail = lambda reason, detail="": (index, None, {"video_id": item.video_id, "path": item.path,  # noqa: E731
-                                                   "reason": reason, "detail": detail[:300]})
+
+    def fail(reason: str, detail: str = "") -> tuple[int, None, dict]:
+        return index, None, {"video_id": item.video_id, "path": item.path, "reason": reason, "detail": detail[:300]}
+
     captions = [" ".join(c.split()) for c in item.captions if isinstance(c, str) and c.strip()]
     if not captions:
         return fail("empty caption")
@@ -107,12 +119,22 @@ def process(job: tuple[int, str, VideoItem], source: str,
         return fail(f"training decoder (decord): {e.reason}", str(e))
     except Exception as e:  # a decoder's surprise must not end a build of a million videos
         return fail("error", f"{type(e).__name__}: {e}")
-    meta = {"video_id": item.video_id, "captions": captions, "source": source, "path": item.path,
-            **info.to_dict(), **item.meta}
+    meta = {
+        "video_id": item.video_id,
+        "captions": captions,
+        "source": source,
+        "path": item.path,
+        **info.to_dict(),
+        **item.meta,
+    }
     if orig is not None:
         meta["orig"] = orig.to_dict()
-    sample = {"__key__": key, _video_field(item, opts is not None): data,
-              "json": json.dumps(meta, sort_keys=True).encode(), "txt": "\n".join(captions).encode()}
+    sample = {
+        "__key__": key,
+        _video_field(item, opts is not None): data,
+        "json": json.dumps(meta, sort_keys=True).encode(),
+        "txt": "\n".join(captions).encode(),
+    }
     return index, sample, None
 
 
@@ -131,8 +153,15 @@ def build_split(cfg: BuildConfig, split: str, pool: mp.pool.Pool | None) -> dict
     fn = functools.partial(process, source=cfg.source, opts=None if cfg.no_transcode else cfg.transcode)
     results = pool.imap(fn, jobs, chunksize=2) if pool is not None else map(fn, jobs)
     t0 = time.time()
-    bar = tqdm(total=len(items), initial=start, desc=split, unit="video", disable=not cfg.progress,
-               mininterval=1.0, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(items),
+        initial=start,
+        desc=split,
+        unit="video",
+        disable=not cfg.progress,
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
     try:
         for index, sample, failure in results:
             writer.add(index, sample, failure)
@@ -145,8 +174,9 @@ def build_split(cfg: BuildConfig, split: str, pool: mp.pool.Pool | None) -> dict
     finally:
         bar.close()
     writer.close(len(items))
-    manifest = writer.write_manifest({"source": cfg.source, "inputs": len(items),
-                                      "elapsed_s": round(time.time() - t0, 2)})
+    manifest = writer.write_manifest(
+        {"source": cfg.source, "inputs": len(items), "elapsed_s": round(time.time() - t0, 2)}
+    )
     check_failed_fraction(manifest, cfg.max_failed_fraction, writer.failures)
     return manifest
 
@@ -159,8 +189,9 @@ def check_failed_fraction(manifest: dict, limit: float, failures: list[dict]) ->
         raise TooManyFailures(_failure_report(manifest["split"], failures, None, limit, inputs))
 
 
-def _failure_report(split: str, failures: list[dict], limit: int | None, fraction: float | None = None,
-                    inputs: int = 0) -> str:
+def _failure_report(
+    split: str, failures: list[dict], limit: int | None, fraction: float | None = None, inputs: int = 0
+) -> str:
     reasons: dict[str, int] = {}
     for f in failures:
         reasons[f["reason"]] = reasons.get(f["reason"], 0) + 1
@@ -170,35 +201,47 @@ def _failure_report(split: str, failures: list[dict], limit: int | None, fractio
     else:
         bound = f"{len(failures)} of {inputs}, more than --max_failed_fraction {fraction:g}"
         fix = "rerun with --overwrite, or raise --max_failed_fraction"
-    return (f"{split}: {len(failures)} inputs failed, {bound} "
-            f"({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))}). First ones:\n{head}\n"
-            f"Fix the inputs and {fix}.")
+    return (
+        f"{split}: {len(failures)} inputs failed, {bound} "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))}). First ones:\n{head}\n"
+        f"Fix the inputs and {fix}."
+    )
 
 
 def summary_line(m: dict) -> str:
     t = m["totals"]
     why = ", ".join(f"{k}: {v}" for k, v in sorted(m["failures_by_reason"].items()))
     state = "already built (--overwrite rebuilds it)" if m.get("already_built") else f"in {m.get('elapsed_s', 0):.1f} s"
-    return (f"{m['split']}: {t['samples']} samples, {t['captions']} captions in {t['shards']} shards "
-            f"({t['bytes'] / 1e6:.1f} MB), {t['failed']} failed{f' ({why})' if why else ''}, {state}")
+    return (
+        f"{m['split']}: {t['samples']} samples, {t['captions']} captions in {t['shards']} shards "
+        f"({t['bytes'] / 1e6:.1f} MB), {t['failed']} failed{f' ({why})' if why else ''}, {state}"
+    )
 
 
 def summary_table(manifests: list[dict]) -> str:
     rows = [("split", "shards", "samples", "captions", "MB", "failed")]
     for m in manifests:
         t = m["totals"]
-        rows.append((m["split"], str(t["shards"]), str(t["samples"]), str(t["captions"]),
-                     f"{t['bytes'] / 1e6:.1f}", str(t["failed"])))
+        rows.append(
+            (
+                m["split"],
+                str(t["shards"]),
+                str(t["samples"]),
+                str(t["captions"]),
+                f"{t['bytes'] / 1e6:.1f}",
+                str(t["failed"]),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+    )
 
 
 def build(cfg: BuildConfig) -> list[dict]:
     """Build every requested split. Returns the manifests; raises TooManyFailures past --max_failures."""
     source = SOURCES[cfg.source]
-    splits = cfg.splits or list(source.splits_for(cfg.source_opts) if hasattr(source, "splits_for")
-                                else source.splits)
+    splits = cfg.splits or list(source.splits_for(cfg.source_opts) if hasattr(source, "splits_for") else source.splits)
     pool = mp.get_context("fork").Pool(cfg.workers) if cfg.workers > 1 else None
     try:
         manifests = [build_split(cfg, split, pool) for split in splits]

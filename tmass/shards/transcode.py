@@ -5,6 +5,7 @@ second (never more than the source has), a keyframe at least every second, and n
 raises `VideoError` with a short `reason` for a video that cannot be used; the builder counts those
 reasons in the manifest instead of crashing.
 """
+
 from __future__ import annotations
 
 import io
@@ -118,8 +119,12 @@ def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return even(width), even(height)
 
 
-def encode_frames(frames: Iterable[av.VideoFrame | np.ndarray], fps: float, opts: TranscodeOptions,
-                  size: tuple[int, int] | None = None) -> bytes:
+def encode_frames(
+    frames: Iterable[av.VideoFrame | np.ndarray],
+    fps: float,
+    opts: TranscodeOptions,
+    size: tuple[int, int] | None = None,
+) -> bytes:
     """Encode frames (PyAV frames or HxWx3 uint8 RGB arrays) as H.264 yuv420p mp4 at `fps`.
 
     The size is `size`, or the first frame's scaled by `output_size`. A keyframe at least every second:
@@ -144,11 +149,13 @@ def encode_frames(frames: Iterable[av.VideoFrame | np.ndarray], fps: float, opts
                 # same frames encoded 40 times in a fresh process gave 5 to 9 distinct bitstreams (an IDR off by a
                 # byte), so shards differed between builds. Without it, 1; the cost on textured footage is +0.7%
                 # bytes and -0.3 dB PSNR.
-                stream.options = {"crf": str(opts.crf), "preset": opts.preset,
-                                  "x264-params": f"keyint={gop}:min-keyint=1:scenecut=0:mbtree=0",
-                                  **({"tune": opts.tune} if opts.tune else {})}
-            f = frame.reformat(width=stream.width, height=stream.height, format="yuv420p",
-                               interpolation="AREA")
+                stream.options = {
+                    "crf": str(opts.crf),
+                    "preset": opts.preset,
+                    "x264-params": f"keyint={gop}:min-keyint=1:scenecut=0:mbtree=0",
+                    **({"tune": opts.tune} if opts.tune else {}),
+                }
+            f = frame.reformat(width=stream.width, height=stream.height, format="yuv420p", interpolation="AREA")
             f.pts, f.time_base = n, 1 / rate
             n += 1
             out.mux(stream.encode(f))

@@ -11,6 +11,7 @@ Resume: the committed shards listed in the journal are kept, everything else is 
 goes on from the next input of the last committed shard. Since inputs are processed in a fixed order and
 rollover depends only on the samples, the result equals an uninterrupted build.
 """
+
 from __future__ import annotations
 
 import glob
@@ -47,8 +48,7 @@ class Progress:
 class SplitWriter:
     """Writes samples into `{out}/{split}-%06d.tar`, rolling over at max_count samples or max_size bytes."""
 
-    def __init__(self, out: str, split: str, options: dict, max_count: int, max_size: float,
-                 overwrite: bool = False):
+    def __init__(self, out: str, split: str, options: dict, max_count: int, max_size: float, overwrite: bool = False):
         self.out, self.split, self.options = out, split, options
         self.max_count, self.max_size = max_count, max_size
         self.manifest_path = os.path.join(out, f"{split}.json")
@@ -76,7 +76,8 @@ class SplitWriter:
         if manifest.get("options") != self.options:
             raise BuildStateError(
                 f"{self.manifest_path} was built with other options; pass --overwrite to rebuild "
-                f"{self.split}, or choose another --out")
+                f"{self.split}, or choose another --out"
+            )
         return manifest
 
     def _recover(self) -> Progress:
@@ -89,7 +90,8 @@ class SplitWriter:
             if not lines or lines[0].get("options") != self.options:
                 raise BuildStateError(
                     f"{self.journal_path} belongs to an unfinished build with other options; rerun that "
-                    f"command to finish it, or pass --overwrite to start {self.split} again")
+                    f"command to finish it, or pass --overwrite to start {self.split} again"
+                )
             for entry in lines[1:]:
                 path = os.path.join(self.out, entry["shard"])
                 if not (os.path.exists(path) and os.path.getsize(path) == entry["bytes"]):
@@ -97,7 +99,7 @@ class SplitWriter:
                 progress.shards.append({k: entry[k] for k in ("shard", "count", "captions", "bytes", "keys")})
                 progress.failures.extend(entry["failures"])
                 progress.next_item = entry["next"]
-            self._rewrite_journal(lines[0], lines[1:1 + len(progress.shards)])  # drop entries past a broken one
+            self._rewrite_journal(lines[0], lines[1 : 1 + len(progress.shards)])  # drop entries past a broken one
         else:
             _fsync_append(self.journal_path, {"options": self.options})
         self._remove(keep=[s["shard"] for s in progress.shards])
@@ -127,8 +129,13 @@ class SplitWriter:
         with open(partial, "rb") as f:
             os.fsync(f.fileno())
         os.replace(partial, final)
-        entry = {"shard": os.path.basename(final), "count": len(self._keys), "captions": self._captions,
-                 "bytes": os.path.getsize(final), "keys": self._keys}
+        entry = {
+            "shard": os.path.basename(final),
+            "count": len(self._keys),
+            "captions": self._captions,
+            "bytes": os.path.getsize(final),
+            "keys": self._keys,
+        }
         _fsync_append(self.journal_path, {**entry, "next": self._index, "failures": self._failures})
         self.progress.shards.append(entry)
         self.progress.failures.extend(self._failures)
@@ -141,9 +148,15 @@ class SplitWriter:
             self._failures.append(failure)
             return
         if self._writer is None:
-            self._writer = wds.ShardWriter(os.path.join(self.out, f"{self.split}-%06d.tar.partial"),
-                                           maxcount=self.max_count, maxsize=self.max_size, post=self._commit,
-                                           start_shard=len(self.progress.shards), verbose=0, mtime=0.0)
+            self._writer = wds.ShardWriter(
+                os.path.join(self.out, f"{self.split}-%06d.tar.partial"),
+                maxcount=self.max_count,
+                maxsize=self.max_size,
+                post=self._commit,
+                start_shard=len(self.progress.shards),
+                verbose=0,
+                mtime=0.0,
+            )
         self._writer.write(sample)
         self._keys.append(sample["__key__"])
         self._captions += sample["txt"].count(b"\n") + 1  # one caption a line (newlines inside were removed)
@@ -175,9 +188,13 @@ class SplitWriter:
         manifest = {
             "split": self.split,
             "shards": shards,
-            "totals": {"shards": len(shards), "samples": sum(s["count"] for s in shards),
-                       "captions": sum(s["captions"] for s in shards),
-                       "bytes": sum(s["bytes"] for s in shards), "failed": len(self.progress.failures)},
+            "totals": {
+                "shards": len(shards),
+                "samples": sum(s["count"] for s in shards),
+                "captions": sum(s["captions"] for s in shards),
+                "bytes": sum(s["bytes"] for s in shards),
+                "failed": len(self.progress.failures),
+            },
             "failures_by_reason": reasons,
             "failures": self.progress.failures,
             "options": self.options,

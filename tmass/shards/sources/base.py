@@ -1,4 +1,5 @@
 """What every source adapter returns, and the helpers they share to read annotation files strictly."""
+
 from __future__ import annotations
 
 import csv
@@ -70,11 +71,13 @@ def anno_path(source: Source, split: str, opts: SourceOptions) -> str:
     if opts.anno:
         return opts.anno
     if split not in source.files:
-        raise AnnotationError(f"source {source.name!r} has no split {split!r}; its splits are "
-                              f"{', '.join(source.files)}")
+        raise AnnotationError(
+            f"source {source.name!r} has no split {split!r}; its splits are {', '.join(source.files)}"
+        )
     if not opts.anno_dir:
-        raise AnnotationError(f"source {source.name!r} needs --anno_dir (the folder holding "
-                              f"{source.files[split]}) or --anno FILE")
+        raise AnnotationError(
+            f"source {source.name!r} needs --anno_dir (the folder holding {source.files[split]}) or --anno FILE"
+        )
     return os.path.join(opts.anno_dir, source.files[split])
 
 
@@ -97,8 +100,10 @@ def read_csv(path: str, required: list[str], expected: str, delimiter: str = ","
         header = reader.fieldnames or []
         missing = [c for c in required if c not in header]
         if missing:
-            raise AnnotationError(f"{path}: missing column(s) {', '.join(missing)} (header: "
-                                  f"{', '.join(header) or 'none'}). Expected {expected}")
+            raise AnnotationError(
+                f"{path}: missing column(s) {', '.join(missing)} (header: "
+                f"{', '.join(header) or 'none'}). Expected {expected}"
+            )
         return list(reader)
 
 

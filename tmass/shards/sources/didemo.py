@@ -6,6 +6,7 @@ are mixed (mov, avi, mp4, mpg, m4v, wmv, 3gp, or none), and a file with the same
 The video id comes from formatted_data (test_data_id_7.pth -> test_data_id_00007), as upstream.
 starts/ends (strings such as 'tensor([[0]])') are kept in the sample's json; every row spans 0-31 s.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,15 @@ class DiDeMo:
 
     def items(self, split: str, opts: SourceOptions) -> list[VideoItem]:
         videos_dir = need_videos_dir(self.name, opts)
-        rows = read_csv(anno_path(self, split, opts), ["video_path", "starts", "ends", "text", "formatted_data"],
-                        FORMAT)
-        return [VideoItem(_video_id(r["formatted_data"]), [r["text"]],
-                          path=find_video(videos_dir, os.path.basename(r["video_path"])),
-                          meta={"starts": _ints(r["starts"]), "ends": _ints(r["ends"])})
-                for r in rows]
+        rows = read_csv(
+            anno_path(self, split, opts), ["video_path", "starts", "ends", "text", "formatted_data"], FORMAT
+        )
+        return [
+            VideoItem(
+                _video_id(r["formatted_data"]),
+                [r["text"]],
+                path=find_video(videos_dir, os.path.basename(r["video_path"])),
+                meta={"starts": _ints(r["starts"]), "ends": _ints(r["ends"])},
+            )
+            for r in rows
+        ]

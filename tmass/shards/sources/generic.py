@@ -6,6 +6,7 @@ jsonl: one object per line: {"video": path, "caption": str} or {"video": path, "
        optional "video_id". Lines of the same video are merged as in csv.
 The video id defaults to the file name without its extension.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,9 @@ class JSONLSource:
                 except json.JSONDecodeError as e:
                     raise AnnotationError(f"{path}:{n}: not JSON ({e}). Expected {JSONL_FORMAT}") from None
                 if not isinstance(rec, dict) or "video" not in rec or not ("caption" in rec or "captions" in rec):
-                    raise AnnotationError(f"{path}:{n}: needs 'video' and 'caption' or 'captions'. "
-                                          f"Expected {JSONL_FORMAT}")
+                    raise AnnotationError(
+                        f"{path}:{n}: needs 'video' and 'caption' or 'captions'. Expected {JSONL_FORMAT}"
+                    )
                 caps = rec["captions"] if "captions" in rec else [rec["caption"]]
                 if isinstance(caps, str) or not isinstance(caps, list):
                     raise AnnotationError(f"{path}:{n}: 'captions' must be a list of strings. Expected {JSONL_FORMAT}")

@@ -6,6 +6,7 @@ Path rule: {videos_dir}/{clip_id.split('.')[0][:-3]}/{clip_id}.avi, e.g.
     0001_American_Beauty_00.00.51.926-00.00.54.129
     -> 0001_American_Beauty/0001_American_Beauty_00.00.51.926-00.00.54.129.avi
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,11 @@ def clip_path(videos_dir: str, clip_id: str) -> str:
 class LSMDC:
     name = "lsmdc"
     splits = ("train", "val", "test")
-    files = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.csv",
-             "test": "LSMDC16_challenge_1000_publictect.csv"}
+    files = {
+        "train": "LSMDC16_annos_training.csv",
+        "val": "LSMDC16_annos_val.csv",
+        "test": "LSMDC16_challenge_1000_publictect.csv",
+    }
 
     def items(self, split: str, opts: SourceOptions) -> list[VideoItem]:
         videos_dir = need_videos_dir(self.name, opts)
@@ -37,8 +41,8 @@ class LSMDC:
                     continue
                 fields = line.rstrip("\n").split("\t")
                 if len(fields) < 6:
-                    raise AnnotationError(f"{path}:{n}: {len(fields)} tab-separated field(s), expected 6. "
-                                          f"Expected {FORMAT}")
+                    raise AnnotationError(
+                        f"{path}:{n}: {len(fields)} tab-separated field(s), expected 6. Expected {FORMAT}"
+                    )
                 pairs.append((fields[0].lstrip('"'), fields[5]))
-        return [VideoItem(cid, caps, path=clip_path(videos_dir, cid))
-                for cid, caps in group_captions(pairs).items()]
+        return [VideoItem(cid, caps, path=clip_path(videos_dir, cid)) for cid, caps in group_captions(pairs).items()]

@@ -6,16 +6,28 @@ val:   with --val_count N, N videos of the train csv held out of train (chosen b
 test:  the 1k-A split, one row per (video, sentence) of MSRVTT_JSFUSION_test.csv.
 Videos at {videos_dir}/{video_id}.mp4.
 """
+
 from __future__ import annotations
 
 import os
 import random
 
-from .base import (AnnotationError, SourceOptions, VideoItem, anno_path, group_captions, need_videos_dir, read_csv,
-                   read_json, require_keys)
+from .base import (
+    AnnotationError,
+    SourceOptions,
+    VideoItem,
+    anno_path,
+    group_captions,
+    need_videos_dir,
+    read_csv,
+    read_json,
+    require_keys,
+)
 
-JSON_FORMAT = ("MSRVTT_data.json in the CLIP4Clip format: an object with 'sentences': "
-               "[{video_id, caption, sen_id}, ...] and 'videos': [...]")
+JSON_FORMAT = (
+    "MSRVTT_data.json in the CLIP4Clip format: an object with 'sentences': "
+    "[{video_id, caption, sen_id}, ...] and 'videos': [...]"
+)
 TRAIN_FORMAT = "MSRVTT_train.9k.csv / MSRVTT_train.7k.csv with a header and a column video_id"
 TEST_FORMAT = "MSRVTT_JSFUSION_test.csv with columns key, vid_key, video_id, sentence"
 
@@ -31,8 +43,10 @@ class MSRVTT:
     def items(self, split: str, opts: SourceOptions) -> list[VideoItem]:
         videos_dir = need_videos_dir(self.name, opts)
         if split == "val" and opts.val_count <= 0:
-            raise AnnotationError("msrvtt has no validation split of its own: pass --val_count N to hold out N "
-                                  "train videos (e.g. --val_count 500)")
+            raise AnnotationError(
+                "msrvtt has no validation split of its own: pass --val_count N to hold out N "
+                "train videos (e.g. --val_count 500)"
+            )
         if split in ("train", "val"):
             if opts.msrvtt_train_file not in ("9k", "7k"):
                 raise AnnotationError(f"--msrvtt_train_file must be 9k or 7k, not {opts.msrvtt_train_file!r}")
@@ -47,8 +61,9 @@ class MSRVTT:
             pairs = [(vid, caps.get(vid, [])) for vid in ids]
             if opts.val_count > 0:
                 if opts.val_count >= len(ids):
-                    raise AnnotationError(f"--val_count {opts.val_count} leaves no training video ({len(ids)} in "
-                                          f"{train_csv})")
+                    raise AnnotationError(
+                        f"--val_count {opts.val_count} leaves no training video ({len(ids)} in {train_csv})"
+                    )
                 held = set(random.Random(f"msrvtt-val-{opts.seed}").sample(sorted(ids), opts.val_count))
                 pairs = [(v, c) for v, c in pairs if (v in held) == (split == "val")]
         else:

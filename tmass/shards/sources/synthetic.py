@@ -14,6 +14,7 @@ appearance and motion:
                     the same events in the other order (order twin)
 Everything is a function of (seed, split, index): the corpus does not depend on the number of workers.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -23,8 +24,14 @@ import numpy as np
 from ..transcode import TranscodeOptions, encode_frames
 from .base import SourceOptions, VideoItem
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 190, 70), "blue": (50, 100, 240),
-           "yellow": (240, 220, 40), "white": (245, 245, 245), "purple": (160, 70, 210)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 70),
+    "blue": (50, 100, 240),
+    "yellow": (240, 220, 40),
+    "white": (245, 245, 245),
+    "purple": (160, 70, 210),
+}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -35,8 +42,12 @@ WIDTH, HEIGHT, FPS, SECONDS, RADIUS = 320, 240, 12, 6, 22
 RAW_ENCODING = TranscodeOptions(short_side=10_000, crf=18, preset="ultrafast", tune="")
 
 _VERBS = [("moves", "move"), ("is moving", "are moving"), ("slides", "slide"), ("travels", "travel")]
-_DIR_WORDS = {"left": ["left", "to the left"], "right": ["right", "to the right"],
-              "up": ["up", "upward"], "down": ["down", "downward"]}
+_DIR_WORDS = {
+    "left": ["left", "to the left"],
+    "right": ["right", "to the right"],
+    "up": ["up", "upward"],
+    "down": ["down", "downward"],
+}
 _JOINS = ["{0}, then {1}", "first {0}, after that {1}", "{0} and afterwards {1}"]
 
 
@@ -119,8 +130,8 @@ class SyntheticVideo:
 def _draw(frame: np.ndarray, shape: str, cx: float, cy: float, colour: tuple[int, int, int]) -> None:
     """Paint one shape centred at (cx, cy), working only in its bounding box."""
     x0, y0 = max(0, int(cx) - 2 * RADIUS), max(0, int(cy) - 2 * RADIUS)
-    yy, xx = np.mgrid[y0:min(frame.shape[0], int(cy) + 2 * RADIUS), x0:min(frame.shape[1], int(cx) + 2 * RADIUS)]
-    window = frame[y0:y0 + yy.shape[0], x0:x0 + xx.shape[1]]
+    yy, xx = np.mgrid[y0 : min(frame.shape[0], int(cy) + 2 * RADIUS), x0 : min(frame.shape[1], int(cx) + 2 * RADIUS)]
+    window = frame[y0 : y0 + yy.shape[0], x0 : x0 + xx.shape[1]]
     window[_mask(shape, xx, yy, cx, cy)] = colour
 
 
@@ -137,8 +148,12 @@ def _mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float) -> n
 
 
 def _random_event(rng: np.random.Generator) -> Event:
-    return Event(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), str(rng.choice(list(DIRECTIONS))),
-                 int(rng.choice([1, 2], p=[0.6, 0.4])))
+    return Event(
+        str(rng.choice(list(COLOURS))),
+        str(rng.choice(SHAPES)),
+        str(rng.choice(list(DIRECTIONS))),
+        int(rng.choice([1, 2], p=[0.6, 0.4])),
+    )
 
 
 def _other(rng: np.random.Generator, options, current: str) -> str:
@@ -158,9 +173,15 @@ def group(rng: np.random.Generator) -> list[tuple[Event, ...]]:
     if len(base) == 2 and rng.random() < 0.5:
         third = base[::-1]
     else:
-        third = tuple(Event(_other(rng, COLOURS, e.colour),
-                            _other(rng, SHAPES, e.shape) if rng.random() < 0.5 else e.shape,
-                            e.direction, e.count) for e in base)
+        third = tuple(
+            Event(
+                _other(rng, COLOURS, e.colour),
+                _other(rng, SHAPES, e.shape) if rng.random() < 0.5 else e.shape,
+                e.direction,
+                e.count,
+            )
+            for e in base
+        )
     return [base, motion, third]
 
 
@@ -182,6 +203,12 @@ class Synthetic:
 
     def items(self, split: str, opts: SourceOptions) -> list[VideoItem]:
         n = opts.num_videos.get(split, DEFAULT_SIZES.get(split, 100))
-        return [VideoItem(f"synth_{split}_{i:06d}", v.captions(opts.captions_per_video), synth=v,
-                          meta={"events": [asdict(e) for e in v.events]})
-                for i, v in enumerate(make_videos(split, n, opts.seed))]
+        return [
+            VideoItem(
+                f"synth_{split}_{i:06d}",
+                v.captions(opts.captions_per_video),
+                synth=v,
+                meta={"events": [asdict(e) for e in v.events]},
+            )
+            for i, v in enumerate(make_videos(split, n, opts.seed))
+        ]

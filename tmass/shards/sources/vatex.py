@@ -1,9 +1,18 @@
 """VATEX: a json list of {videoID, enCap: [10 English captions], chCap, ...}; the file is named by
 videoID ({videos_dir}/{videoID}.{--video_ext}, or any file with that stem)."""
+
 from __future__ import annotations
 
-from .base import (SourceOptions, VideoItem, anno_path, find_video, need_videos_dir, read_json,
-                   require_keys, AnnotationError)
+from .base import (
+    SourceOptions,
+    VideoItem,
+    anno_path,
+    find_video,
+    need_videos_dir,
+    read_json,
+    require_keys,
+    AnnotationError,
+)
 
 FORMAT = "the VATEX json: a list of {videoID, enCap: [English captions], ...}"
 
@@ -11,8 +20,11 @@ FORMAT = "the VATEX json: a list of {videoID, enCap: [English captions], ...}"
 class VATEX:
     name = "vatex"
     splits = ("train", "val", "test")
-    files = {"train": "vatex_training_v1.0.json", "val": "vatex_validation_v1.0.json",
-             "test": "vatex_public_test_english_v1.1.json"}
+    files = {
+        "train": "vatex_training_v1.0.json",
+        "val": "vatex_validation_v1.0.json",
+        "test": "vatex_public_test_english_v1.1.json",
+    }
 
     def items(self, split: str, opts: SourceOptions) -> list[VideoItem]:
         videos_dir = need_videos_dir(self.name, opts)
@@ -23,6 +35,11 @@ class VATEX:
         out = []
         for i, rec in enumerate(data):
             require_keys(path, rec, ["videoID", "enCap"], f"entry {i}", FORMAT)
-            out.append(VideoItem(rec["videoID"], list(rec["enCap"]),
-                                 path=find_video(videos_dir, f"{rec['videoID']}.{opts.video_ext}")))
+            out.append(
+                VideoItem(
+                    rec["videoID"],
+                    list(rec["enCap"]),
+                    path=find_video(videos_dir, f"{rec['videoID']}.{opts.video_ext}"),
+                )
+            )
         return out
