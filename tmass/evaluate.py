@@ -139,7 +139,6 @@ def evaluate(
     return results
 
 
-@torch.no_grad()
 def dual_softmax(scores: torch.Tensor, n_v: int) -> torch.Tensor:
     """DSL: s <- s * softmax over all queries (texts, on every rank) of 100 s, per video column.
     scores [n_rows, N_v] -> [n_rows, N_v]."""
@@ -151,6 +150,7 @@ def dual_softmax(scores: torch.Tensor, n_v: int) -> torch.Tensor:
     return scores * torch.exp(DSL_TEMPERATURE * scores - lse)
 
 
+@torch.no_grad()
 def rank_all(model: TMASS, enc: Encoded, cfg: EvalConfig, seed: int) -> dict:
     """Score this rank's block of texts against every video, then rank both directions across ranks."""
     n_t, n_v = len(enc.text_video), enc.frames.shape[0]

@@ -148,7 +148,6 @@ def _chunk(cfg: EvalConfig, n_rows: int, n_v: int, noise_per_pair: bool) -> tupl
     return c_t, max(1, min(n_v, pairs // c_t))
 
 
-@torch.no_grad()
 def _noise_args(model: TMASS, m: int = 0, dim: int = 0, seed: int = 0, kernel=None, device=None) -> dict:
     """The trial noise's prior, and for per_pair noise the seed's table of M x D draws and the kernel."""
     noise = {"prior": model.cfg.stochastic_prior, "std": model.cfg.stochastic_prior_std}
@@ -168,6 +167,7 @@ def _block_scores(model, t, q, side, frames, f_inv, chunk, own_hat, ws, compiled
     return chunk.best(*terms, in_place=not compiled)  # terms: ws's scratch
 
 
+@torch.no_grad()
 def score_rows(
     model: TMASS,
     text: torch.Tensor,
