@@ -8,8 +8,10 @@
                    [N_v, N_t, N_v] of which the diagonal is kept; one process
     (b) tmass 1    tmass.evaluate.rank_all (scores + both directions' ranks) on 1 process
     (c) tmass 2    the same on 2 processes (gloo), each scoring half of the texts
-Each runs in fresh processes, so the peak RSS is its own (the largest of the ranks for (c)); time is wall
-time of the scoring and ranking, features already in memory. Both --trial_noise modes for (b) and (c).
+The floor of (b) and (c): tmass's scoring FLOPs (scoring_flops) at the machine's fp32 matmul rate, measured
+in the same run; x floor is the time over it. Each runs in fresh processes, so the peak RSS is its own (the
+largest of the ranks for (c)); time is wall time of the scoring and ranking, features already in memory. Both
+--trial_noise modes for (b) and (c).
 
     python bench/eval.py                          # N = 1000 (with (a)) and N = 10000 (b and c only)
     python bench/eval.py --sizes 10000 --noises per_text   # per_pair at 10k draws 10^11 random numbers
@@ -51,6 +53,34 @@ class Head(torch.nn.Module):
             for p in self.parameters():
                 p.add_(0.02 * torch.randn_like(p))
         self.eval()
+
+
+def scoring_flops(n_t: int, n_v: int, trials: int, frames: int = F_FRAMES, dim: int = DIM) -> float:
+    """The products of tmass's scoring, 2 FLOPs per multiply-add (docs of tmass/model/pooling.py and noise.py):
+    per pair the attention logits k.q (F D), the coefficients' quadratic forms (F^2 + (F+1)^2 + (F+2)^2),
+    psi = c B ((F+2) D), the radius's cosines and its map S -> W S + b (F D + (F+1) D), t.psi (D) and per trial the
+    three products of the text mass ((t R).eps, (R psi).eps, (R R).(eps eps): 3 M D); per video its keys, values
+    through W_v and W_o, and W_l rows (4 F D^2) and its three Grams; per text its query (D^2). Elementwise work
+    and the noise's hashing are not counted: the floor is what the products alone take at the machine's matmul
+    rate."""
+    f, d, m = frames, dim, trials
+    pair = d * (4 * f + 4 + 3 * m) + f * f + (f + 1) ** 2 + (f + 2) ** 2
+    video = 4 * f * d * d + (f * f + (f + 1) ** 2 + (f + 2) ** 2) * d
+    return 2.0 * (n_t * n_v * pair + n_v * video + n_t * d * d)
+
+
+def matmul_rate(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 matmul rate (FLOP/s) with `threads` threads: the best of `repeats` products of two
+    size x size matrices."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best
 
 
 def features(n: int):
@@ -280,6 +310,7 @@ def main() -> None:
         a.method = a.one
         one(a)
         return
+    rate = matmul_rate(os.cpu_count() or 1)  # the floor's rate: the whole machine, as the runs share it
     rows = []
     for n in map(int, a.sizes.split(",")):
         if n <= a.upstream_max:
@@ -292,7 +323,17 @@ def main() -> None:
             half = max(1, (os.cpu_count() or 1) // 2)  # 1 rank with the threads of one of (c)'s ranks
             rows.append(measure("tmass", n, a.trials, noise, 1, a.chunk, a.compile, threads=half))
             print(f"  tmass N={n} {noise} world 1, {half} threads: {rows[-1]['seconds']} s", file=sys.stderr)
+    for r in rows:  # the floor applies to tmass's algorithm; upstream's does other (and more) work
+        tm = r["method"] == "tmass"
+        r["gflop"] = round(scoring_flops(r["n"], r["n"], a.trials) / 1e9, 2) if tm else None
+        r["floor_s"] = scoring_flops(r["n"], r["n"], a.trials) / rate if tm else None
+        r["x_floor"] = round(r["seconds"] / r["floor_s"], 2) if tm else None
     print(f"\nstochastic evaluation, random features: F={F_FRAMES}, D={DIM}, M={a.trials}, {os.cpu_count()} CPU cores")
+    print(
+        f"floor: tmass's scoring FLOPs (bench/eval.py scoring_flops) at this machine's fp32 matmul rate, "
+        f"{rate / 1e9:.1f} GFLOP/s\n(a 2048^2 product on {os.cpu_count()} threads, measured in this run); x floor: "
+        f"time / floor"
+    )
     print(
         "time: wall time of scoring and ranking, the first chunk included; 1st chunk: its time, which holds the "
         "compilation\n(or the load from torch's on-disk cache) where the scorer is compiled; RSS: per process, "
@@ -300,7 +341,8 @@ def main() -> None:
     )
     print(
         f"{'':10} {'N':>6} {'noise':>20} {'ranks':>5} {'thr':>4} {'compiled':>8} {'time s':>8} {'1st chunk':>9} "
-        f"{'vs (a)':>7} {'vs (b)':>7} {'peak RSS MB':>11} {'above':>6} {'(a)/RSS':>7}"
+        f"{'vs (a)':>7} {'vs (b)':>7} {'peak RSS MB':>11} {'above':>6} {'(a)/RSS':>7} {'GFLOP':>7} {'floor s':>7} "
+        f"{'x floor':>7}"
     )
     for r in rows:
         base_a = next((x for x in rows if x["method"] == "upstream" and x["n"] == r["n"]), None)
@@ -318,10 +360,12 @@ def main() -> None:
         vm = f"{base_a['peak_rss_mb'] / r['peak_rss_mb']:.1f}x" if base_a and r is not base_a else ""
         name = "(a) upstr" if r["method"] == "upstream" else f"({'b' if r['world'] == 1 else 'c'}) tmass"
         first = f"{r['first_chunk_s']:.2f}" if r.get("first_chunk_s") is not None else ""
+        floor = f"{r['floor_s']:.3f}" if r["floor_s"] else ""
+        x_floor = f"{r['x_floor']:.2f}x" if r["x_floor"] else ""
         print(
             f"{name:10} {r['n']:>6} {r['noise']:>20} {r['world']:>5} {r['threads']:>4} "
             f"{'yes' if r.get('compiled') else 'no':>8} {r['seconds']:>8.2f} {first:>9} {va:>7} {vb:>7} "
-            f"{r['peak_rss_mb']:>11} {r['above_base_mb']:>6} {vm:>7}"
+            f"{r['peak_rss_mb']:>11} {r['above_base_mb']:>6} {vm:>7} {r['gflop'] or '':>7} {floor:>7} {x_floor:>7}"
         )
     for r in rows:  # what the sharding alone gives: 2 ranks against 1 rank, with the same threads per rank
         single = next(

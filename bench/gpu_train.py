@@ -2,7 +2,9 @@
 
 1. Training-step throughput (clips/s) and model FLOP utilisation of T-MASS, ViT-B/16, 12 frames, 224x224, bf16,
    random weights and in-memory data, through the DeepSpeed engine as tmass trains (ZeRO-1 and ZeRO-2, with and
-   without activation checkpointing), at the largest per-GPU batch of 8/16/32/64 that fits. FLOPs are counted
+   without activation checkpointing, eager and compiled per layer and per tower, SDPA attention and fused AdamW;
+   then eager attention and the default AdamW kernel one at a time), at the largest per-GPU batch of
+   16/32/64/96/128 that fits. FLOPs are counted
    from the model's shapes (printed). The same model trained as upstream trains it (fp32, plain PyTorch AdamW,
    batch 32, no ZeRO) gives the baseline ratio.
 2. The sharded evaluation of 1k x 1k with 20 trials (time, peak GPU memory): per_text, then per_pair (compiled,
@@ -74,35 +76,44 @@ def time_steps(step, device, warmup: int, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def new_model(arch: str, frames: int, ckpt: bool, compile: bool = False):
+def new_model(arch: str, frames: int, ckpt: bool, compile: str = "no", attn: str = "sdpa"):
+    """compile: "no", or the --compile_scope ("layers", "towers"); attn: the --attn_implementation."""
     from tmass.config import ModelConfig
     from tmass.model.tmass import TMASS
 
     torch.manual_seed(0)
     return TMASS(
         ModelConfig(
-            clip_arch=arch, num_frames=frames, grad_checkpointing=ckpt, transformer_dropout=0.3, compile=compile
+            clip_arch=arch,
+            num_frames=frames,
+            grad_checkpointing=ckpt,
+            transformer_dropout=0.3,
+            compile=compile != "no",
+            compile_scope="layers" if compile == "no" else compile,
+            attn_implementation=attn,
         )
     )
 
 
-def deepspeed_run(arch, frames, batch, stage, ckpt, precision, device, warmup, steps, compile=False) -> dict:
+def deepspeed_run(arch, frames, batch, setting: dict, precision, device, warmup, steps) -> dict:
+    """One setting ({zero, checkpointing, compile, attention, adamw}) at one per-GPU batch, through the engine."""
     import deepspeed
 
     from tmass.config import Config
-    from tmass.engine import param_groups
+    from tmass.engine import make_adamw, param_groups
 
-    model = new_model(arch, frames, ckpt, compile)
+    model = new_model(arch, frames, setting["checkpointing"], setting["compile"], setting["attention"])
     ds = {
         "train_batch_size": batch,
         "train_micro_batch_size_per_gpu": batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": setting["zero"]},
         "steps_per_print": 10**9,
         "bf16": {"enabled": precision == "bf16"},
     }
-    opt = torch.optim.AdamW(param_groups(model, Config()), eps=1e-6)  # the groups (and their order) of training
+    cfg = Config().replace(train={"adamw": setting["adamw"]})
+    opt = make_adamw(param_groups(model, cfg), cfg, device.type == "cuda")  # the groups and kernel of training
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     ids, mask, video, eps = make_batch(engine.module, batch, frames, device)
     video = video.to(next(engine.module.parameters()).dtype)
@@ -146,8 +157,28 @@ def upstream_run(arch, frames, batch, device, warmup, steps) -> dict:
     return {"step_s": dt, "clips_per_s": batch / dt}
 
 
+def device_matmul_rate(device, size: int = 8192, repeats: int = 5) -> float:
+    """The device's fp32 matmul rate (FLOP/s): the best of `repeats` size x size products, as the scoring runs."""
+    if device.type == "cpu":
+        from eval import matmul_rate
+
+        return matmul_rate(torch.get_num_threads())
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best
+
+
 def eval_run(n: int, trials: int, device, noise: str = "per_text") -> dict:
-    from eval import Head  # bench/eval.py: the pooling and radius of T-MASS without the towers
+    """The sharded scoring of n x n random features, with its time over the floor (bench/eval.py's FLOP count at
+    the device's fp32 matmul rate)."""
+    from eval import Head, scoring_flops  # bench/eval.py: the pooling and radius of T-MASS without the towers
 
     from tmass.config import EvalConfig
     from tmass.evaluate import Encoded, rank_all
@@ -178,6 +209,8 @@ def eval_run(n: int, trials: int, device, noise: str = "per_text") -> dict:
     }
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    rate = device_matmul_rate(device)
+    out |= {"matmul_tflops": rate / 1e12, "x_floor": out["seconds"] / (scoring_flops(n, n, trials) / rate)}
     return out
 
 
@@ -209,19 +242,39 @@ def loader_shards(out: str, workers: int, seconds: float) -> list[str]:
 PARTS = ("eval", "train", "upstream", "loader")  # in the order they run
 
 
+def train_settings(no_compile: bool) -> list[dict]:
+    """The sweep: ZeRO-1 and ZeRO-2, with and without activation checkpointing, eager and compiled per layer and
+    per tower, all with SDPA attention and fused AdamW on CUDA; then, at the batch of ZeRO-2 without
+    checkpointing, one option changed at a time (eager attention; torch's default AdamW kernel)."""
+    base = {"zero": 2, "checkpointing": False, "compile": "no", "attention": "sdpa", "adamw": "auto"}
+    out = [base | {"zero": 1}, base | {"zero": 1, "checkpointing": True}, base, base | {"checkpointing": True}]
+    if not no_compile:
+        for scope in ("layers", "towers"):
+            out += [base | {"compile": scope}, base | {"compile": scope, "checkpointing": True}]
+    out += [base | {"attention": "eager", "at_best": True}, base | {"adamw": "foreach", "at_best": True}]
+    return out
+
+
+def label(setting: dict) -> str:
+    return (
+        f"ZeRO-{setting['zero']} ckpt={setting['checkpointing']} compile={setting['compile']} "
+        f"attention={setting['attention']} adamw={setting['adamw']}"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="run on the CPU (no GPU here)")
     p.add_argument("--tiny", action="store_true", help="the tiny model and small sizes (what the tests run)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    p.add_argument("--batches", default=None, help="per-GPU batches to try, ascending (default 8,16,32,64)")
+    p.add_argument("--batches", default=None, help="per-GPU batches to try, ascending (default 16,32,64,96,128)")
     p.add_argument(
         "--loader_shards",
         default=None,
         help="folder of the loader's shards, built there if absent (default: a temporary folder)",
     )
-    p.add_argument("--no_compile", action="store_true", help="skip the runs with --compile (torch.compile per layer)")
+    p.add_argument("--no_compile", action="store_true", help="skip the runs with --compile (per layer, per tower)")
     p.add_argument("--peak_tflops", type=float, default=None, help="the card's dense bf16 peak (default: by name)")
     p.add_argument("--json", default="gpu_train.json")
     a = p.parse_args()
@@ -236,7 +289,7 @@ def main() -> None:
 
     dist.init()
     arch, frames = ("tiny", 4) if a.tiny else ("ViT-B/16", 12)
-    batches = [int(b) for b in a.batches.split(",")] if a.batches else [2, 4] if a.tiny else [8, 16, 32, 64]
+    batches = [int(b) for b in a.batches.split(",")] if a.batches else [2, 4] if a.tiny else [16, 32, 64, 96, 128]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     precision = "bf16"
@@ -262,35 +315,38 @@ def main() -> None:
         results["eval_per_pair"] = eval_run(100 if a.tiny else 1000, 4 if a.tiny else 20, device, "per_pair")
         save("eval")
     if "train" in parts:
-        # (ZeRO stage, activation checkpointing, --compile); compiled runs start at the largest batch that fitted
-        settings = [(1, False, False), (1, True, False), (2, False, False), (2, True, False)]
-        if not a.no_compile:
-            settings += [(2, False, True), (2, True, True)]
-        fitted = {}
-        for stage, ckpt, comp in settings:
+        fitted = {}  # activation checkpointing -> the largest batch that fitted without compile
+        for setting in train_settings(a.no_compile):
+            ckpt = setting["checkpointing"]
+            if setting.pop("at_best", False):  # one option changed from the default: at the default's batch
+                tries = [fitted[ckpt]] if ckpt in fitted else []
+            elif setting["compile"] != "no" and ckpt in fitted:
+                tries = batches[batches.index(fitted[ckpt]) :]
+            else:
+                tries = batches
             best = None
-            for b in batches[batches.index(fitted[ckpt]) :] if comp and ckpt in fitted else batches:
+            for b in tries:
                 oom = False
                 try:
-                    r = deepspeed_run(arch, frames, b, stage, ckpt, precision, device, warmup, a.steps, comp)
+                    r = deepspeed_run(arch, frames, b, setting, precision, device, warmup, a.steps)
                 except torch.OutOfMemoryError:
                     oom = True  # handled outside the except block, once its frames (and tensors) are gone
                 if oom:
                     gc.collect()
                     torch.cuda.empty_cache()
                     break
-                best = {"zero": stage, "checkpointing": ckpt, "compile": comp, "batch": b, **r}
+                best = {**setting, "batch": b, **r}
                 if peak:
                     best["mfu"] = r["tflops"] / peak
                 print(
-                    f"  ZeRO-{stage} ckpt={ckpt} compile={comp} batch {b}: {r['clips_per_s']:.1f} clips/s, "
-                    f"{r['tflops']:.1f} TFLOP/s",
+                    f"  {label(setting)} batch {b}: {r['clips_per_s']:.1f} clips/s, {r['tflops']:.1f} TFLOP/s",
                     file=sys.stderr,
                     flush=True,
                 )
             if best:
                 results["train"].append(best)
-                fitted.setdefault(ckpt, best["batch"])
+                if setting["compile"] == "no":
+                    fitted.setdefault(ckpt, best["batch"])
         save("train")
     if "upstream" in parts:
         up_batch = 2 if a.tiny else 32
@@ -322,12 +378,15 @@ def main() -> None:
     if results["train"]:
         f0 = results["train"][0]["flops_per_step"] / results["train"][0]["batch"]
         print(f"model FLOPs per clip (forward + backward): {f0 / 1e9:.3f} GFLOP, counted from the shapes")
-        print(f"{'ZeRO':>4} {'ckpt':>5} {'compile':>7} {'batch':>5} {'clips/s':>8} {'TFLOP/s':>8} {'MFU':>6}")
+        print(
+            f"{'ZeRO':>4} {'ckpt':>5} {'compile':>7} {'attention':>9} {'adamw':>7} {'batch':>5} {'clips/s':>8} "
+            f"{'TFLOP/s':>8} {'MFU':>6}"
+        )
     for r in results["train"]:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         print(
-            f"{r['zero']:>4} {str(r['checkpointing']):>5} {str(r['compile']):>7} {r['batch']:>5} "
-            f"{r['clips_per_s']:>8.2f} {r['tflops']:>8.2f} {mfu:>6}"
+            f"{r['zero']:>4} {str(r['checkpointing']):>5} {r['compile']:>7} {r['attention']:>9} {r['adamw']:>7} "
+            f"{r['batch']:>5} {r['clips_per_s']:>8.2f} {r['tflops']:>8.2f} {mfu:>6}"
         )
     up = results["upstream"]
     if up and "clips_per_s" in up:
@@ -344,6 +403,7 @@ def main() -> None:
                 f"evaluation {e['n']} x {e['n']}, {e['trials']} trials, {e['noise']}: {e['seconds']:.2f} s"
                 + (f" (compiled; its first chunk {e['first_chunk_s']:.2f} s)" if e["compiled"] else "")
                 + (f", peak GPU memory {e['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in e else "")
+                + f"; {e['x_floor']:.1f}x the floor ({e['matmul_tflops']:.1f} TFLOP/s fp32 matmul)"
             )
     if lr := results.get("loader"):
         best_rate = max((r["clips_per_s"] for r in results["train"]), default=None)

@@ -1,4 +1,5 @@
-"""The benchmarks run (tiny settings), so that they never rot. Their figures are not asserted."""
+"""The benchmarks run (tiny settings), so that they never rot. Their timings are not asserted; what they count
+(FLOPs, parameters, bytes) is checked against independent counts."""
 import json
 import os
 import subprocess
@@ -52,7 +53,9 @@ def test_bench_eval_runs_small(tmp_path):
     cores = os.cpu_count() or 1
     per_noise = [("tmass", 1, cores), ("tmass", 2, max(1, cores // 2)), ("tmass", 1, max(1, cores // 2))]
     assert [(r["method"], r["world"], r["threads"]) for r in rows] == [("upstream", 1, cores)] + per_noise * 2
-    assert "vs (a)" in p.stdout and "2 ranks x" in p.stdout
+    assert "vs (a)" in p.stdout and "2 ranks x" in p.stdout and "x floor" in p.stdout
+    tm = [r for r in json.loads(out.read_text()) if r["method"] == "tmass"]
+    assert tm and all(r["x_floor"] > 0 for r in tm)
 
 
 def test_bench_gpu_train_runs_on_cpu_tiny(tmp_path):
@@ -62,12 +65,59 @@ def test_bench_gpu_train_runs_on_cpu_tiny(tmp_path):
                        env=clean_env(DS_ACCELERATOR="cpu"))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert [(t["zero"], t["checkpointing"], t["compile"]) for t in r["train"]] == [
-        (1, False, False), (1, True, False), (2, False, False), (2, True, False), (2, False, True), (2, True, True)]
+    assert [(t["zero"], t["checkpointing"], t["compile"], t["attention"], t["adamw"]) for t in r["train"]] == [
+        (1, False, "no", "sdpa", "auto"), (1, True, "no", "sdpa", "auto"), (2, False, "no", "sdpa", "auto"),
+        (2, True, "no", "sdpa", "auto"), (2, False, "layers", "sdpa", "auto"), (2, True, "layers", "sdpa", "auto"),
+        (2, False, "towers", "sdpa", "auto"), (2, True, "towers", "sdpa", "auto"),
+        (2, False, "no", "eager", "auto"), (2, False, "no", "sdpa", "foreach")]
+    assert r["train"][-1]["batch"] == r["train"][2]["batch"]  # one option changed, at the default's batch
     assert all(t["flops_per_step"] > 0 and t["clips_per_s"] > 0 for t in r["train"])
     assert r["upstream"]["clips_per_s"] > 0 and r["eval"]["n"] == 100
     assert r["eval_per_pair"]["noise"] == "per_pair" and r["loader"]["clips_per_s"] > 0
     assert "GFLOP, counted from the shapes" in p.stdout
+
+
+def test_memory_table_counts_the_real_model(tmp_path):
+    """bench/memory.py's parameter count (built on the meta device) against a materialised model, its largest
+    layer against the token embedding's shape, and its ZeRO rows against the formulas it prints."""
+    from tmass.config import ModelConfig
+    from tmass.model.clip import clip_config
+    from tmass.model.tmass import TMASS
+
+    out = tmp_path / "m.json"
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "memory.py"), "--archs", "tiny", "--nodes", "1",
+                        "--gpus_per_node", "2", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                       env=clean_env(DS_ACCELERATOR="cpu"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {r["setting"]: r for r in json.loads(out.read_text())}
+    psi = sum(p.numel() for p in TMASS(ModelConfig(clip_arch="tiny")).parameters())
+    text = clip_config("tiny").text_config
+    assert rows["ZeRO-2"]["params"] == psi
+    assert rows["ZeRO-2"]["largest_layer_params"] == text.vocab_size * text.hidden_size
+    assert rows["ZeRO-1"]["gpu_bytes"] == 4 * psi + 16 * psi // 2
+    assert rows["ZeRO-2"]["gpu_bytes"] == 2 * psi + 18 * psi // 2
+    assert rows["ZeRO-3"]["gpu_bytes"] == 4 * text.vocab_size * text.hidden_size + 18 * psi // 2
+    assert rows["ZeRO-3 + offload all"]["gpu_bytes"] < rows["ZeRO-3"]["gpu_bytes"]
+    assert "GPU GB" in p.stdout
+
+
+@pytest.mark.parametrize("n, trials", [(40, 3), (64, 20)])
+def test_eval_bench_flop_count_matches_torch_counter(n, trials):
+    """bench/eval.py's floor counts the scoring's products from the shapes; torch's FlopCounterMode counts the
+    matmuls that rank_all really runs (eager, per_text)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from eval import Head, features, scoring_flops
+
+    from tmass.config import EvalConfig
+    from tmass.evaluate import Encoded, rank_all
+
+    t, frames = features(n)
+    with FlopCounterMode(display=False) as counter:
+        rank_all(Head(), Encoded(t, frames, torch.arange(n), [], {}),
+                 EvalConfig(stochastic_trials=trials, trial_noise="per_text", eval_compile="no"), 24)
+    assert scoring_flops(n, n, trials) == pytest.approx(counter.get_total_flops(), rel=0.05)
 
 
 def test_gpu_bench_flop_count_matches_torch_counter():

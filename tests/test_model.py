@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import _reference as ref
-from tmass.config import ModelConfig
+from tmass.config import ModelConfig, parse_config
+from tmass.engine import make_adamw, param_groups
+from tmass.errors import TmassError
 from tmass.model.loss import tmass_loss
 from tmass.model.clip import clip_config, frame_features, text_features
 from tmass.model.pooling import TextConditionedPool
@@ -359,6 +361,89 @@ def test_compiled_layers_match_eager_with_checkpointing():
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for n in results[0][1]:
         torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-4, atol=1e-6)
+
+
+def loss_and_grads(m, ids, mask, video, eps):
+    m.train()
+    m.zero_grad()
+    out = m(ids, mask, video, eps)
+    out["loss"].backward()
+    return out["loss"].item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(got: dict, want: dict, rel: float = 1e-5) -> None:
+    """Each gradient within rel of its own largest entry (fp32 sums taken in another order differ so), or 1e-7
+    for the keys' biases, whose gradient is 0 in exact arithmetic (softmax ignores a shift) and here ~1e-8 of
+    rounding."""
+    assert got.keys() == want.keys()
+    for n, g in want.items():
+        err, scale = (got[n] - g).abs().max().item(), g.abs().max().item()
+        assert err <= rel * scale + 1e-7, f"{n}: max |difference| {err:.2e}, largest entry {scale:.2e}"
+
+
+def test_whole_tower_compile_matches_eager():
+    """--compile --compile_scope towers: each tower one compiled graph, the eager loss and gradients."""
+    ids, mask, video = batch()
+    eps = torch.rand(3, 32, generator=torch.Generator().manual_seed(3))
+    eager, compiled = tiny_model(), tiny_model(compile=True, compile_scope="towers")
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())
+    assert compiled.clip.vision_model._compiled_call_impl is not None
+    assert compiled.clip.text_model._compiled_call_impl is not None
+    want, got = loss_and_grads(eager, ids, mask, video, eps), loss_and_grads(compiled, ids, mask, video, eps)
+    assert got[0] == pytest.approx(want[0], rel=1e-6)
+    assert_grads_close(got[1], want[1])
+
+
+def test_sdpa_attention_matches_eager_with_padded_texts(monkeypatch):
+    """--attn_implementation sdpa (the default) and eager: the same loss and gradients (fp32, padded captions);
+    sdpa really calls torch's scaled_dot_product_attention and eager never does."""
+    ids, mask, video = batch(B=4)
+    ids[1, 5], mask[1, 6:] = 49407, 0  # a short caption: EOS, then padding
+    ids[2, 3], mask[2, 4:] = 49407, 0
+    eps = torch.rand(4, 32, generator=torch.Generator().manual_seed(4))
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    spy = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    results = {}
+    for impl in ("eager", "sdpa"):
+        calls.clear()
+        m = tiny_model(attn_implementation=impl)
+        assert m.clip.vision_model.config._attn_implementation == impl
+        results[impl] = loss_and_grads(m, ids, mask, video, eps)
+        assert bool(calls) == (impl == "sdpa"), impl
+    assert results["sdpa"][0] == pytest.approx(results["eager"][0], rel=1e-6)
+    assert_grads_close(results["sdpa"][1], results["eager"][1])
+    with pytest.raises(TmassError, match="--attn_implementation flash_attention_2 cannot run here .*sdpa"):
+        tiny_model(attn_implementation="flash_attention_2")  # flash-attn is not installed here
+
+
+@pytest.mark.parametrize("choice", ["fused", "foreach"])
+def test_fused_and_foreach_adamw_match_the_default_kernel(choice):
+    """--adamw fused / foreach against torch's default AdamW, given the same gradients (the T-MASS loss's, both
+    learning-rate groups, fp32): the same weights after 3 steps to 1e-6; auto picks fused where CUDA is."""
+    ids, mask, video = batch()
+    eps = torch.rand(3, 32, generator=torch.Generator().manual_seed(5))
+    models, opts = [], []
+    for adamw in ("auto", choice):
+        cfg = parse_config(["--clip_arch", "tiny", "--num_frames", str(F), "--adamw", adamw, "--clip_lr", "1e-3"])
+        models.append(tiny_model())
+        opts.append(make_adamw(param_groups(models[-1], cfg), cfg, cuda=False))
+        assert bool(opts[-1].defaults.get(choice)) == (adamw == choice)
+    for _ in range(3):  # the default kernel's model makes the gradients; both optimisers step on them
+        loss_and_grads(models[0], ids, mask, video, eps)
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+        for opt in opts:
+            opt.step()
+    start = tiny_model().state_dict()
+    want, got = models[0].state_dict(), models[1].state_dict()
+    assert any(not torch.equal(start[n], w) for n, w in want.items())  # the steps moved the weights
+    for n, w in want.items():
+        torch.testing.assert_close(got[n], w, rtol=0, atol=1e-6, msg=n)
+    auto = parse_config(["--clip_arch", "tiny"])
+    assert make_adamw(param_groups(tiny_model(), auto), auto, cuda=True).defaults["fused"] is True
 
 
 def test_model_configs_and_wrong_flags():

@@ -31,6 +31,9 @@ from .errors import ConfigError
 CLIP_ARCHS = ("ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14-336", "small", "tiny")
 PRIORS = ("uniform01", "normal")
 SUPPORT_CENTERS = ("upstream", "paper")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+COMPILE_SCOPES = ("layers", "towers")
+ADAMW = ("auto", "fused", "foreach")
 TRAIN, EVAL, BOTH = "train", "eval", "both"  # which command line shows a flag
 
 
@@ -80,7 +83,20 @@ class ModelConfig:
         choices=SUPPORT_CENTERS,
     )
     grad_checkpointing: bool = opt(False, "activation checkpointing of both CLIP towers (less memory)", use=TRAIN)
-    compile: bool = opt(False, "torch.compile each CLIP encoder layer", use=TRAIN)
+    compile: bool = opt(False, "torch.compile the CLIP towers (what --compile_scope names)", use=TRAIN)
+    compile_scope: str = opt(
+        "layers",
+        "what --compile compiles: layers (each encoder layer; one graph serves a tower's layers) or towers "
+        "(each whole tower, one graph)",
+        use=TRAIN,
+        choices=COMPILE_SCOPES,
+    )
+    attn_implementation: str = opt(
+        "sdpa",
+        "attention of both CLIP towers: sdpa (torch's scaled_dot_product_attention: flash or memory-efficient "
+        "kernels on GPUs), eager (HF's matmul and softmax), or flash_attention_2 (needs the flash-attn package)",
+        choices=ATTENTION,
+    )
     deterministic_text: bool = opt(
         False,
         "the X-Pool baseline: train and score with t alone, no text mass; "
@@ -228,6 +244,13 @@ class TrainConfig:
     noclip_lr: float = opt(1e-5, "learning rate of the pooling and the radius", use=TRAIN)
     weight_decay: float = opt(0.2, "AdamW's weight decay", use=TRAIN)
     warmup_proportion: float = opt(0.1, "fraction of the steps of linear warm-up, then cosine to 0", use=TRAIN)
+    adamw: str = opt(
+        "auto",
+        "AdamW's implementation: fused (one kernel for every parameter), foreach (batched per group), or auto "
+        "(fused on CUDA, torch's default on CPUs); a DeepSpeed JSON that names its own optimizer keeps it",
+        use=TRAIN,
+        choices=ADAMW,
+    )
     no_decay_norm_bias: bool = opt(False, "no weight decay on norms, biases and logit_scale", use=TRAIN)
     multi_positive: bool = opt(False, "pairs of the same video in a global batch count as positives", use=TRAIN)
     log_step: int = opt(10, "log every N optimiser steps", use=TRAIN)

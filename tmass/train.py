@@ -86,6 +86,7 @@ MAY_CHANGE_ON_RESUME = {
         "exp_name",
         "allow_config_change",
         "verbose",
+        "adamw",
     },
     "data": {"decode_timeout", "max_bad_fraction", "num_workers", "stall_skips", "stall_seconds"},
     "eval": {
@@ -100,7 +101,7 @@ MAY_CHANGE_ON_RESUME = {
         "random_init",
         "load_epoch",
     },
-    "model": {"grad_checkpointing", "compile"},
+    "model": {"grad_checkpointing", "compile", "compile_scope", "attn_implementation"},
 }
 
 

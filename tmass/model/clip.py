@@ -118,6 +118,27 @@ def enable_grad_checkpointing(clip: CLIPModel) -> None:
         clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def set_attention(clip: CLIPModel, implementation: str) -> None:
+    """Both towers' attention: softmax(Q K^T / sqrt(d)) V [B, heads, L, d], by torch's SDPA, HF's eager matmuls or
+    flash-attn. Raises ConfigError when the implementation cannot run here."""
+    if clip.config._attn_implementation == implementation:
+        return
+    try:
+        clip.set_attn_implementation(implementation)
+    except (ImportError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"--attn_implementation {implementation} cannot run here ({first_line}); pass --attn_implementation sdpa"
+        ) from None
+
+
+def compile_towers(clip: CLIPModel) -> None:
+    """torch.compile each whole tower in place (one graph per tower, the embeddings and final norm included);
+    parameter names and the state dict stay as they are."""
+    clip.vision_model.compile()
+    clip.text_model.compile()
+
+
 def compile_layers(clip: CLIPModel) -> None:
     """torch.compile every encoder layer of both towers in place, as torchtitan compiles per block: parameter names
     and the state dict stay as they are, one compiled graph serves all layers of a tower, and activation

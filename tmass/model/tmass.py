@@ -14,7 +14,15 @@ from transformers import CLIPModel
 
 from ..config import ModelConfig
 from .loss import Gather, tmass_loss
-from .clip import build_clip, compile_layers, enable_grad_checkpointing, frame_features, text_features
+from .clip import (
+    build_clip,
+    compile_layers,
+    compile_towers,
+    enable_grad_checkpointing,
+    frame_features,
+    set_attention,
+    text_features,
+)
 from .pooling import TextConditionedPool
 from .stochastic import SimilarityRadius
 
@@ -27,10 +35,11 @@ class TMASS(nn.Module):
         dim = self.clip.config.projection_dim
         self.pool_frames = TextConditionedPool(dim, cfg.transformer_dropout)
         self.radius = SimilarityRadius(cfg.num_frames, dim)
+        set_attention(self.clip, cfg.attn_implementation)
         if cfg.grad_checkpointing:
             enable_grad_checkpointing(self.clip)
         if cfg.compile:
-            compile_layers(self.clip)
+            (compile_towers if cfg.compile_scope == "towers" else compile_layers)(self.clip)
         if cfg.deterministic_text:  # X-Pool: no text mass, so the radius has nothing to learn
             self.radius.requires_grad_(False)
 
