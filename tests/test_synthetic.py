@@ -141,3 +141,80 @@ def test_the_corpus_tokenizer_knows_every_caption_word():
     for v in make_videos("test", 60, seed=5):
         for c in v.captions(5):
             assert tok.unk_token_id not in tok(c)["input_ids"], c
+
+
+def pixel_events(frames):
+    """The three events of a partial-caption video, read off the pixels alone: in each third of the clip, the one
+    colour with objects, their count and shape, and where they move."""
+    per = len(frames) // 3
+    out = []
+    for e in range(3):
+        window = frames[e * per:(e + 1) * per]
+        mid = window[len(window) // 2]
+        found = [(c, comps) for c in COLOURS
+                 if (comps := [x for x in components(colour_mask(mid, c)) if len(x[0]) > 100])]
+        assert len(found) == 1, (e, [c for c, _ in found])
+        colour, comps = found[0]
+        shapes = {shape_of(*c) for c in comps}
+        assert len(shapes) == 1, (e, shapes)
+        first, last = (np.nonzero(colour_mask(window[i], colour)) for i in (1, -2))
+        dy, dx = last[0].mean() - first[0].mean(), last[1].mean() - first[1].mean()
+        assert max(abs(dx), abs(dy)) > 30, (e, dx, dy)
+        moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+        out.append((colour, shapes.pop(), moved, len(comps)))
+    return out
+
+
+def is_subsequence(part, whole):
+    it = iter(whole)
+    return all(any(p == w for w in it) for p in part)
+
+
+def check_partial(frames, captions):
+    events = pixel_events(frames)
+    assert len({e[:2] for e in events}) == 3  # three different objects
+    for caption in captions:
+        named = parse(caption)
+        assert 1 <= len(named) < 3, caption  # part of the video, never all of it
+        assert is_subsequence(named, events), (caption, events)  # true of the pixels, in their order
+    return events
+
+
+def test_partial_captions_name_part_of_the_raw_pixels():
+    subsets = set()
+    for video in make_videos("test", 24, seed=3, captions="partial"):
+        frames = video.frames()
+        events = check_partial(frames, video.captions(5))
+        for caption in video.captions(5):
+            named = parse(caption)
+            subsets.add(tuple(i for i, e in enumerate(events) if e in named))
+    assert subsets == {(0,), (1,), (2,), (0, 1), (0, 2), (1, 2)}  # every kind of part is named somewhere
+
+
+def test_partial_captions_hold_after_normalisation_and_through_the_builder_source():
+    its = SOURCES["synthetic"].items("train", SourceOptions(num_videos={"train": 4}, synthetic_captions="partial"))
+    assert all(len(it.meta["events"]) == 3 and len(it.captions) == 5 for it in its)
+    for it in its:
+        out, _ = transcode(it.read(), TranscodeOptions(short_side=224, fps=3))
+        check_partial(np.stack(decode_all(out)), it.captions)
+    full = SOURCES["synthetic"].items("train", SourceOptions(num_videos={"train": 4}))
+    assert [x.captions for x in full] != [x.captions for x in its]  # the full corpus is unchanged beside it
+    assert full[0].captions == SOURCES["synthetic"].items("train", SourceOptions(num_videos={"train": 1}))[0].captions
+
+
+def test_the_builder_writes_the_partial_corpus(tmp_path):
+    """`tmass-build-shards --source synthetic --synthetic_captions partial`: the shards hold three events per
+    video and captions that each name one or two of them."""
+    import json
+    import tarfile
+
+    from tmass.shards.cli import main
+
+    assert main(["--source", "synthetic", "--synthetic_captions", "partial", "--out", str(tmp_path), "--num_train", "3",
+                 "--num_val", "0", "--num_test", "0", "--splits", "train", "--workers", "1", "--no_progress"]) == 0
+    with tarfile.open(tmp_path / "train-000000.tar") as tar:
+        metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert len(metas) == 3
+    for meta in metas:
+        assert len(meta["events"]) == 3
+        assert all(1 <= len(parse(c)) < 3 for c in meta["captions"])

@@ -14,7 +14,7 @@ import sys
 
 from .build import BuildConfig, TooManyFailures, build, summary_line, summary_table
 from .sources import SOURCES, AnnotationError, SourceOptions
-from .sources.synthetic import DEFAULT_SIZES
+from .sources.synthetic import CAPTION_KINDS, DEFAULT_SIZES
 from .transcode import TranscodeOptions
 from .writer import BuildStateError
 
@@ -60,6 +60,13 @@ def _synthetic_flags(g: argparse._ArgumentGroup) -> None:
     for split, n in DEFAULT_SIZES.items():
         g.add_argument(f"--num_{split}", type=int, default=n, help=f"videos in {split} (default {n})")
     g.add_argument("--captions_per_video", type=int, default=5, help="synthetic: captions of each video (5)")
+    g.add_argument(
+        "--synthetic_captions",
+        default="full",
+        choices=CAPTION_KINDS,
+        help="synthetic: full (each caption tells all of its video) or partial (three events per video, each "
+        "caption names one or two)",
+    )
     g.add_argument("--seed", type=int, default=0, help="synthetic videos, and msrvtt's held-out val videos (0)")
 
 
@@ -135,6 +142,7 @@ def config_from_args(a: argparse.Namespace) -> BuildConfig:
             video_ext=a.video_ext,
             num_videos=sizes if a.source == "synthetic" else {},
             captions_per_video=a.captions_per_video,
+            synthetic_captions=a.synthetic_captions,
             seed=a.seed,
         ),
         transcode=TranscodeOptions(a.short_side, a.fps, a.crf, a.preset, a.tune, a.max_frames),

@@ -55,6 +55,7 @@ class SourceOptions:
     video_ext: str = "mp4"
     num_videos: dict[str, int] = field(default_factory=dict)  # synthetic: videos per split
     captions_per_video: int = 5  # synthetic
+    synthetic_captions: str = "full"  # synthetic: "full" (every event) or "partial" (one or two of three)
     seed: int = 0  # synthetic
 
 

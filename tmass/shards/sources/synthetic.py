@@ -13,6 +13,17 @@ appearance and motion:
     third           the same motion with other colours/shapes (appearance twin), or, for two events,
                     the same events in the other order (order twin)
 Everything is a function of (seed, split, index): the corpus does not depend on the number of workers.
+
+The partial-caption corpus (`--synthetic_captions partial`) asks what T-MASS claims: that a caption tells only
+part of what its video shows. Each video holds three events, one per third of the clip, with three different
+(colour, shape) pairs; each caption names one or two of them (one of the six proper, non-empty subsets, drawn
+uniformly), in their order, and never all three:
+
+    video:    two red circles move left | a blue triangle slides up | a green square moves right
+    captions: "a blue triangle slides up", "two red circles move left, then a green square moves right", ...
+
+The events are drawn independently for every video (no twins), so a one-event caption is also true of the
+other videos that happen to hold that event; its own video stays the only correct answer, as on MSR-VTT.
 """
 
 from __future__ import annotations
@@ -75,17 +86,25 @@ class Event:
         return f"{['', '', 'two', 'three'][self.count]} {self.colour} {self.shape}s {many} {where}"
 
 
+# The proper, non-empty subsets of a partial video's three events, in time order.
+PARTIAL_SUBSETS = ((0,), (1,), (2,), (0, 1), (0, 2), (1, 2))
+CAPTION_KINDS = ("full", "partial")
+
+
 @dataclass(frozen=True)
 class SyntheticVideo:
     events: tuple[Event, ...]
     seed: tuple[int, ...]
+    partial: bool = False  # captions name a proper subset of the events
 
     def captions(self, n: int) -> list[str]:
-        """n different paraphrases of the same content (repeats only if fewer exist)."""
+        """n different captions (repeats only if fewer exist): paraphrases of all the events, or with `partial`
+        of one of PARTIAL_SUBSETS each."""
         rng = np.random.default_rng([*self.seed, 1])
         out: list[str] = []
         for _ in range(20 * n):
-            phrases = [e.phrase(rng) for e in self.events]
+            named = PARTIAL_SUBSETS[rng.integers(len(PARTIAL_SUBSETS))] if self.partial else range(len(self.events))
+            phrases = [self.events[i].phrase(rng) for i in named]
             text = phrases[0] if len(phrases) == 1 else _JOINS[rng.integers(len(_JOINS))].format(*phrases)
             if text not in out:
                 out.append(text)
@@ -185,8 +204,21 @@ def group(rng: np.random.Generator) -> list[tuple[Event, ...]]:
     return [base, motion, third]
 
 
-def make_videos(split: str, n: int, seed: int) -> list[SyntheticVideo]:
+def partial_events(rng: np.random.Generator) -> tuple[Event, ...]:
+    """Three events with three different (colour, shape) pairs."""
+    events: list[Event] = []
+    while len(events) < 3:
+        e = _random_event(rng)
+        if all((e.colour, e.shape) != (x.colour, x.shape) for x in events):
+            events.append(e)
+    return tuple(events)
+
+
+def make_videos(split: str, n: int, seed: int, captions: str = "full") -> list[SyntheticVideo]:
     split_id = SPLIT_IDS.get(split, 3 + sum(map(ord, split)))
+    if captions == "partial":  # streams of their own: (seed, split, index, 3), where the full corpus's 4th is < 3
+        keys = [(seed, split_id, i, 3) for i in range(n)]
+        return [SyntheticVideo(partial_events(np.random.default_rng(k)), k, True) for k in keys]
     out: list[SyntheticVideo] = []
     g = 0
     while len(out) < n:
@@ -210,5 +242,5 @@ class Synthetic:
                 synth=v,
                 meta={"events": [asdict(e) for e in v.events]},
             )
-            for i, v in enumerate(make_videos(split, n, opts.seed))
+            for i, v in enumerate(make_videos(split, n, opts.seed, opts.synthetic_captions))
         ]
