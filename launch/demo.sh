@@ -4,21 +4,32 @@
 #   2. train a small T-MASS from scratch with `deepspeed` on 2 ranks (CPU processes here, GPUs where there are);
 #   3. evaluate the best checkpoint (by validation R@1) on the held-out test split with the sharded evaluation;
 #   4. draw the loss and validation R@1 curves to a PNG.
-# --compare also trains and evaluates the X-Pool baseline (--deterministic_text: no text mass) with the same
-# budget, and prints both side by side.
-# Environment: DATA (shards, default data/synthetic), OUT (runs, default outputs), EPOCHS (default 12).
-# Other arguments go to the shard builder.
+# --compare [--seeds K] runs the study instead: T-MASS with the paper's recipe (support loss 0.8, dropout 0.3,
+# 20 trials) and the X-Pool baseline (--deterministic_text) with the same budget, on the full-caption corpus and
+# on the partial-caption one (DATA_PARTIAL), for K seeds (default 3); on the partial corpus also the ablations;
+# then python -m tmass.compare prints mean +- std over seeds and the paired differences, and draws the pictures.
+# Environment: DATA (shards, default data/synthetic), DATA_PARTIAL (default ${DATA}_partial), OUT (runs, default
+# outputs), EPOCHS (default 12). Other arguments go to the shard builder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data/synthetic}
 OUT=${OUT:-outputs}
 EPOCHS=${EPOCHS:-12}
-COMPARE=0
+DATA_PARTIAL=${DATA_PARTIAL:-${DATA}_partial}
+COMPARE=0; SEEDS=3
 BUILD_ARGS=()
-for a in "$@"; do
-  if [ "$a" = "--compare" ]; then COMPARE=1; else BUILD_ARGS+=("$a"); fi
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --compare) COMPARE=1 ;;
+    --seeds) SEEDS=$2; shift ;;
+    *) BUILD_ARGS+=("$1") ;;
+  esac
+  shift
 done
 python shards/build.py --source synthetic --out "$DATA" "${BUILD_ARGS[@]}"
+if [ "$COMPARE" = 1 ]; then
+  python shards/build.py --source synthetic --synthetic_captions partial --out "$DATA_PARTIAL" "${BUILD_ARGS[@]}"
+fi
 
 GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
 if [ "$GPUS" -gt 0 ]; then
@@ -26,37 +37,49 @@ if [ "$GPUS" -gt 0 ]; then
 else
   export DS_ACCELERATOR=cpu; RANKS=2; DSCONF=ds_configs/cpu_fp32.json
 fi
-ntrain=$(ls "$DATA"/train-*.tar | wc -l); ntest=$(ls "$DATA"/test-*.tar | wc -l)
-TRAIN="$DATA/train-{000000..$(printf %06d $((ntrain - 1)))}.tar"
-TEST="$DATA/test-{000000..$(printf %06d $((ntest - 1)))}.tar"
+shards() {  # shards DIR SPLIT: the brace range of a split's shards
+  local n; n=$(ls "$1/$2"-*.tar | wc -l)
+  echo "$1/$2-{000000..$(printf %06d $((n - 1)))}.tar"
+}
 COMMON=(--preset demo --clip_arch small --input_res 64)
 
-run() {  # run NAME [extra flags]: train, then evaluate the best checkpoint on the test split
-  local name=$1; shift
+run() {  # run DATA NAME [extra flags]: train, then evaluate the best checkpoint on the test split
+  local data=$1 name=$2; shift 2
   local port=$((29500 + RANDOM % 1000))
   deepspeed --log_level warning --num_gpus "$RANKS" --master_port "$port" launch/train.py "${COMMON[@]}" "$@" \
     --deepspeed_config "$DSCONF" --batch_size 32 --num_epochs "$EPOCHS" \
-    --train_shards "$TRAIN" --val_shards "$DATA/val-000000.tar" --output_dir "$OUT" --exp_name "$name" --log_step 32
-  deepspeed --log_level warning --num_gpus "$RANKS" --master_port "$((port + 1))" launch/eval.py "${COMMON[@]}" "$@" \
-    --checkpoint "$OUT/$name" --test_shards "$TEST" --results "$OUT/$name/test_results.json" \
-    --tensorboard_dir "$OUT/$name/tb"
+    --train_shards "$(shards "$data" train)" --val_shards "$data/val-000000.tar" --output_dir "$OUT" \
+    --exp_name "$name" --log_step 32
+  evaluate "$data" "$name" test_results.json
 }
 
-run demo
-RUNS=("$OUT/demo")
+evaluate() {  # evaluate DATA NAME RESULTS [extra flags]: the run's best checkpoint on the test split
+  local data=$1 name=$2 results=$3; shift 3
+  deepspeed --log_level warning --num_gpus "$RANKS" --master_port "$((29500 + RANDOM % 1000))" launch/eval.py \
+    "${COMMON[@]}" "$@" --checkpoint "$OUT/$name" --test_shards "$(shards "$data" test)" \
+    --results "$OUT/$name/$results" --tensorboard_dir "$OUT/$name/tb"
+}
+
 if [ "$COMPARE" = 1 ]; then
-  run demo_xpool --deterministic_text
-  RUNS+=("$OUT/demo_xpool")
-  python - "$OUT/demo/test_results.json" "$OUT/demo_xpool/test_results.json" <<'PY'
-import json, sys
-a, b = (json.load(open(p)) for p in sys.argv[1:3])
-cols = ["R@1", "R@5", "R@10", "MdR", "MnR"]
-print(f"\n{'held-out test':22}" + "".join(f"{c:>8}" for c in cols))
-for name, r in (("T-MASS", a), ("X-Pool baseline", b)):
-    for d in ("t2v", "v2t"):
-        print(f"{name + ' ' + d:22}" + "".join(f"{r[d][c]:>8.2f}" for c in cols))
-PY
+  RECIPE=(--support_loss_weight 0.8 --transformer_dropout 0.3 --stochastic_trials 20)  # MSR-VTT's, demo-sized
+  for corpus in full partial; do
+    data=$DATA; [ "$corpus" = partial ] && data=$DATA_PARTIAL
+    for seed in $(seq 1 "$SEEDS"); do
+      run "$data" "cmp_${corpus}_s${seed}_tmass" "${RECIPE[@]}" --seed "$seed"
+      run "$data" "cmp_${corpus}_s${seed}_xpool" --transformer_dropout 0.3 --deterministic_text --seed "$seed"
+      if [ "$corpus" = partial ]; then  # the ablations, one change at a time
+        run "$data" "cmp_${corpus}_s${seed}_nosupport" "${RECIPE[@]}" --support_loss_weight 0 --seed "$seed"
+        evaluate "$data" "cmp_${corpus}_s${seed}_tmass" test_deterministic.json --deterministic_text
+        evaluate "$data" "cmp_${corpus}_s${seed}_tmass" test_trials1.json --stochastic_trials 1
+        evaluate "$data" "cmp_${corpus}_s${seed}_tmass" test_per_pair.json --trial_noise per_pair
+      fi
+    done
+  done
+  python -m tmass.compare "$OUT" --seeds "$SEEDS"
+  exit 0
 fi
-python -m tmass.logs "${RUNS[@]}" --out "$OUT/demo/curves.png"
+
+run "$DATA" demo
+python -m tmass.logs "$OUT/demo" --out "$OUT/demo/curves.png"
 echo "checkpoints: $OUT/demo/checkpoints   TensorBoard: tensorboard --logdir $OUT/demo/tb"
 echo "results: $OUT/demo/test_results.json   curves: $OUT/demo/curves.png"

@@ -255,22 +255,36 @@ def test_the_lsmdc_and_didemo_shard_commands_on_fake_trees(tmp_path):
             assert totals["samples"] == 2, (source, split, totals)
 
 
-def test_the_demo_script_with_compare_on_a_small_corpus(tmp_path):
-    """launch/demo.sh --compare, the README's first command, on a corpus of 48 train videos for one epoch (its
-    DATA, OUT and EPOCHS settings; the other arguments go to the shard builder): both runs, their table, the
-    curves, and no DeepSpeed INFO line."""
+def test_the_demo_script_and_its_comparison_on_a_small_corpus(tmp_path):
+    """launch/demo.sh, the README's first command, then `--compare --seeds 1`, on corpora of 32 train videos for
+    one epoch (its DATA, OUT and EPOCHS settings; the other arguments go to the shard builder): the demo's run and
+    curves; both corpora's T-MASS and X-Pool runs, the ablations, the tables, the pictures and the JSON; and no
+    DeepSpeed INFO line."""
     env = clean_env(DATA=str(tmp_path / "data"), OUT=str(tmp_path / "out"), EPOCHS="1",
                     PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    p = subprocess.run(["bash", os.path.join(REPO, "launch", "demo.sh"), "--compare", "--num_train", "48",
-                        "--num_val", "8", "--num_test", "16"], env=env, capture_output=True, text=True, timeout=900)
+    sizes = ["--num_train", "32", "--num_val", "8", "--num_test", "16"]
+    demo = os.path.join(REPO, "launch", "demo.sh")
+    p = subprocess.run(["bash", demo, *sizes], env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    table = p.stdout[p.stdout.index("held-out test"):].splitlines()
-    assert [ln.split("  ")[0] for ln in table[1:5]] == ["T-MASS t2v", "T-MASS v2t", "X-Pool baseline t2v",
-                                                      "X-Pool baseline v2t"]
-    for run, trials in (("demo", 8), ("demo_xpool", 0)):
-        results = json.loads((tmp_path / "out" / run / "test_results.json").read_text())
-        assert results["num_videos"] == 16 and results["trials"] == trials
+    results = json.loads((tmp_path / "out" / "demo" / "test_results.json").read_text())
+    assert results["num_videos"] == 16 and results["trials"] == 8
     assert (tmp_path / "out" / "demo" / "curves.png").stat().st_size > 1000
+    p = subprocess.run(["bash", demo, "--compare", "--seeds", "1", *sizes], env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    out = tmp_path / "out"
+    for corpus in ("full", "partial"):
+        for method, trials in (("tmass", 20), ("xpool", 0)):
+            r = json.loads((out / f"cmp_{corpus}_s1_{method}" / "test_results.json").read_text())
+            assert r["num_videos"] == 16 and r["trials"] == trials and r["seed"] is not None
+    extra = {name: json.loads((out / "cmp_partial_s1_tmass" / name).read_text())
+             for name in ("test_deterministic.json", "test_trials1.json", "test_per_pair.json")}
+    assert extra["test_deterministic.json"]["trials"] == 0 and extra["test_trials1.json"]["trials"] == 1
+    assert extra["test_per_pair.json"]["trial_noise"] == "per_pair"
+    report = json.loads((out / "compare.json").read_text())
+    assert set(report) == {"full", "partial", "ablations"} and len(report["ablations"]) == 7  # 6 rows + paired
+    assert "T-MASS - X-Pool (paired)" in report["full"] and "partial captions, 1 seed(s)" in p.stdout
+    assert all((out / f).stat().st_size > 1000 for f in ("compare_curves.png", "compare_radius.png"))
     assert "[INFO]" not in p.stdout + p.stderr
 
 

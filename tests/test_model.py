@@ -236,6 +236,8 @@ def test_loss_against_a_loop(weight, center):
     out = tmass_loss(pool, rad, scale, t, f, eps, support_weight=weight, support_center=center)
     expected = ref.tmass_loss(t, f, eps, sd, 20.0, weight, center)
     assert abs(out["loss"].item() - expected) < 1e-4 * max(1.0, abs(expected))
+    own = sum(ref.cos(t[j], ref.pool_one(t[j], f[j], sd)) for j in range(B)) / B  # the logged similarity
+    assert abs(out["pos_cosine"].item() - float(own)) < 1e-6
 
 
 def test_logit_scale_is_clamped_at_ln_100():

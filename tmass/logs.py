@@ -41,8 +41,9 @@ class Meter:
             "perf/samples_per_s_per_rank": self.samples / elapsed,
             "perf/data_wait_fraction": self.wait / elapsed,
         }
-        if "loss_support" in last:
-            out["train/loss_support"] = last["loss_support"]
+        for key in ("loss_support", "pos_cosine"):
+            if key in last:
+                out[f"train/{key}"] = last[key]
         return {k: float(v) for k, v in out.items()}
 
 

@@ -86,6 +86,15 @@ def support_center_of(v_cols: torch.Tensor, offset: int, mode: str) -> torch.Ten
     return v_cols[torch.arange(b), torch.arange(offset, offset + b)]
 
 
+@torch.no_grad()
+def own_video_cosine(t_loc: torch.Tensor, v_rows: torch.Tensor, offset: int) -> torch.Tensor:
+    """mean_j cos(t_j, psi(v_j | t_j)) over the local pairs, the similarity that the radius follows (logged
+    beside it). t_loc [b, D], v_rows [B, b, D] -> a scalar."""
+    b = t_loc.shape[0]
+    own = v_rows[torch.arange(offset, offset + b, device=v_rows.device), torch.arange(b, device=v_rows.device)]
+    return F.cosine_similarity(t_loc.float(), own.float(), dim=-1).mean()
+
+
 def tmass_loss(
     pool: TextConditionedPool,
     radius: Callable,
@@ -125,6 +134,7 @@ def tmass_loss(
     out = {
         "loss_stochastic": loss_s.detach(),
         "radius_l1": r_all[rows].sum(-1).mean().detach(),
+        "pos_cosine": own_video_cosine(t_all[rows], v_rows, offset),
         "logit_scale": logit_scale.detach().reshape(()),
     }
     if support_weight > 0:
