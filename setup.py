@@ -34,6 +34,8 @@ setup(
             "tmass-train=tmass.cli:train_main",
             "tmass-eval=tmass.cli:eval_main",
             "tmass-export=tmass.cli:export_main",
+            "tmass-index=tmass.cli:index_main",
+            "tmass-search=tmass.cli:search_main",
         ]
     },
 )

@@ -7,7 +7,8 @@
 # --compare [--seeds K] runs the study instead: T-MASS with the paper's recipe (support loss 0.8, dropout 0.3,
 # 20 trials) and the X-Pool baseline (--deterministic_text) with the same budget, on the full-caption corpus and
 # on the partial-caption one (DATA_PARTIAL), for K seeds (default 3); on the partial corpus also the ablations;
-# then python -m tmass.compare prints mean +- std over seeds and the paired differences, and draws the pictures.
+# then python -m tmass.compare prints mean +- std over seeds, the paired differences and each corpus's ceiling (an
+# oracle that knows every video's events), and draws the pictures.
 # Environment: DATA (shards, default data/synthetic), DATA_PARTIAL (default ${DATA}_partial), OUT (runs, default
 # outputs), EPOCHS (default 12). Other arguments go to the shard builder.
 set -euo pipefail
@@ -75,7 +76,7 @@ if [ "$COMPARE" = 1 ]; then
       fi
     done
   done
-  python -m tmass.compare "$OUT" --seeds "$SEEDS"
+  python -m tmass.compare "$OUT" --seeds "$SEEDS" --data "full=$DATA,partial=$DATA_PARTIAL"
   exit 0
 fi
 

@@ -24,6 +24,35 @@ def synthetic_shards(tmp_path_factory):
     return out
 
 
+def export_tiny(out, tokenizer_dir, num_frames=4, seed=0, perturb=0.0):
+    """A tiny random T-MASS exported to `out` (tmass-eval --checkpoint reads it), its text tower sized to the
+    tokenizer; perturb > 0 moves the pooling and the radius off their identity init by that much noise."""
+    import torch
+
+    from tmass.config import ModelConfig
+    from tmass.data.tokenizer import load_tokenizer, text_config_overrides
+    from tmass.model.clip import build_clip, clip_config
+    from tmass.model.io import export_hf
+    from tmass.model.tmass import TMASS
+
+    conf = clip_config("tiny")
+    for k, v in text_config_overrides(load_tokenizer(str(tokenizer_dir))).items():
+        setattr(conf.text_config, k, v)
+    torch.manual_seed(seed)
+    model = TMASS(ModelConfig(clip_arch="tiny", num_frames=num_frames), clip=build_clip(config=conf))
+    with torch.no_grad():
+        for p in list(model.pool_frames.parameters()) + list(model.radius.parameters()):
+            p.add_(perturb * torch.randn_like(p))
+    export_hf(model, str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, synthetic_shards):
+    """The tiny model of the evaluation tests (4 frames, 32 px), exported."""
+    return export_tiny(tmp_path_factory.mktemp("exported"), synthetic_shards / "tokenizer")
+
+
 @pytest.fixture(autouse=True)
 def no_process_group_variables_after_a_test():
     """A test that starts the process group in this process leaves MASTER_PORT and the rank variables in

@@ -190,3 +190,39 @@ def test_upstream_baseline_stochastic_text_matches_the_model_radius():
     with torch.no_grad():
         want = t.double() + u.double() * head.radius(paired_cosines(t.double(), frames_rep.double())).double()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_bench_search_runs_and_all_candidates_give_the_exhaustive_ranks(tmp_path, synthetic_shards, exported):
+    """(a) on the tiny model and the synthetic test split: with every video a candidate (K = 7), the two stages'
+    recall is the exhaustive evaluation's, whatever stage 1 does; (b) a synthetic index of 300 videos: its size on
+    disk is N (F + 1) D float16 values plus the metadata."""
+    out = tmp_path / "s.json"
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "search.py"), "--run", str(exported), "--shards",
+                        str(synthetic_shards / "test-*.tar"), "--candidates", "2,7", "--sizes", "300", "--repeats",
+                        "1", "--json", str(out)], capture_output=True, text=True, timeout=600, env=clean_env(),
+                       cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    rows = {x["method"]: x for x in r["quality"]}
+    everything = rows["two stages, K = 7"]
+    assert {k: v for k, v in everything.items() if k != "method"} == {
+        k: v for k, v in rows["exhaustive (tmass-eval)"].items() if k != "method"}
+    (scale,) = r["scale"]
+    feature_bytes = 300 * 13 * 512 * 2
+    assert scale["videos"] == 300 and feature_bytes < scale["index_bytes"] < feature_bytes + 100_000
+
+
+def test_bench_mass_runs_and_an_untrained_radius_is_its_init(tmp_path, synthetic_shards, exported):
+    """At its initialisation R = e^S on the first F dims and 1 on the other D - F, so its mean over D lies
+    between (D - F + F/e) / D and (D - F + F e) / D; and cos(t_s, t) is a cosine."""
+    import math
+
+    out = tmp_path / "m.json"
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "mass.py"), str(exported),
+                        str(synthetic_shards / "test-*.tar"), "--json", str(out)], capture_output=True, text=True,
+                       timeout=600, env=clean_env(), cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (r,) = json.loads(out.read_text())
+    d, f = r["dim"], 4
+    assert r["texts"] == 21 and (d - f + f / math.e) / d < r["mean_radius"] < (d - f + f * math.e) / d
+    assert -1 <= r["cos_ts_t"] <= 1 and r["mass_norm"] > 0

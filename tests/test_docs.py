@@ -265,7 +265,7 @@ def test_the_demo_comparison_on_a_small_corpus(tmp_path):
     """launch/demo.sh --compare --seeds 1 on corpora of 32 train videos for one epoch (its DATA, OUT and EPOCHS
     settings; the other arguments go to the shard builder): both corpora's T-MASS and X-Pool runs (trained and
     scored by the same functions as the plain demo), the ablations, the tables, the pictures and the JSON; and no
-    DeepSpeed INFO line."""
+    DeepSpeed INFO line. Then the README's search commands on the T-MASS run of the full corpus."""
     env = clean_env(DATA=str(tmp_path / "data"), OUT=str(tmp_path / "out"), EPOCHS="1",
                     PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     sizes = ["--num_train", "32", "--num_val", "8", "--num_test", "16"]
@@ -286,6 +286,20 @@ def test_the_demo_comparison_on_a_small_corpus(tmp_path):
     assert "T-MASS - X-Pool (paired)" in report["full"] and "partial captions, 1 seed(s)" in p.stdout
     assert all((out / f).stat().st_size > 1000 for f in ("compare_curves.png", "compare_radius.png"))
     assert "[INFO]" not in p.stdout + p.stderr
+    # the README's search commands, verbatim, on the demo's layout: one of these runs as outputs/demo
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "outputs").mkdir()
+    os.symlink(tmp_path / "data", work / "data" / "synthetic")
+    os.symlink(out / "cmp_full_s1_tmass", work / "outputs" / "demo")
+    p = run_block(block_with(os.path.join(REPO, "README.md"), "tmass-index"), work, env)
+    hits = [line for line in p.stdout.splitlines() if line.strip().split(" ")[0].isdigit()]
+    assert len(hits) == 5 and all("synth_test_" in h for h in hits), p.stdout
+    assert (work / "outputs" / "demo" / "hits.html").read_text().count("<img ") == 5
+    p = run_block("tmass-search 'a red circle' --index outputs/demo/index --json", work, env)
+    assert len(json.loads(p.stdout)["results"][0]["hits"]) == 10  # stdout holds the JSON alone, from a run dir
+    assert block_with(os.path.join(REPO, "README.md"), "tmass-index") in bash_blocks(
+        os.path.join(REPO, "docs", "search.md"))
 
 
 @pytest.mark.parametrize("path", DOCS, ids=os.path.basename)

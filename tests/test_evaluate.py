@@ -241,23 +241,6 @@ def run_eval(args, world=1):
     return p.stdout
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, synthetic_shards):
-    from tmass.data.tokenizer import load_tokenizer, text_config_overrides
-    from tmass.model.clip import build_clip, clip_config
-    from tmass.model.io import export_hf
-
-    tok = load_tokenizer(str(synthetic_shards / "tokenizer"))
-    conf = clip_config("tiny")
-    for k, v in text_config_overrides(tok).items():
-        setattr(conf.text_config, k, v)
-    torch.manual_seed(0)
-    model = TMASS(ModelConfig(clip_arch="tiny", num_frames=F), clip=build_clip(config=conf))
-    out = tmp_path_factory.mktemp("exported")
-    export_hf(model, str(out))
-    return out
-
-
 @pytest.mark.parametrize("noise", ["per_text", "per_pair"])
 def test_world_sizes_and_chunks_give_identical_metrics(synthetic_shards, exported, tmp_path, noise):
     """launch/eval.py as one process and through `deepspeed --num_gpus 2`, and two chunk sizes."""

@@ -1,5 +1,6 @@
 """The command lines: `tmass-train` (launch/train.py), `tmass-eval` (launch/eval.py), `tmass-export`
-(launch/export.py); `tmass-build-shards` is tmass.shards.cli. Each parses its flags, calls the library, and turns
+(launch/export.py), `tmass-index` (launch/index.py), `tmass-search` (launch/search.py); `tmass-build-shards` is
+tmass.shards.cli. Each parses its flags, calls the library, and turns
 a user's error into one line on rank 0 and an exit code (2: the command line, 1: the data or a checkpoint);
 a bug still shows its traceback.
 """
@@ -112,3 +113,141 @@ def export_main(argv: list[str] | None = None) -> int:
         print(export_checkpoint(a.run, a.out, a.tag))
 
     return run_command(go, argv, _prog("export.py", "tmass-export"))
+
+
+# The settings of the run's config that tmass-index and tmass-search take, with the same flags as tmass-eval.
+INDEX_SETTINGS = (
+    "local_rank",
+    "checkpoint",
+    "tokenizer",
+    "eval_batch_size",
+    "num_workers",
+    "decode_timeout",
+    "max_bad_fraction",
+    "verbose",
+)
+SEARCH_SETTINGS = (
+    "local_rank",
+    "checkpoint",
+    "tokenizer",
+    "stochastic_trials",
+    "trial_noise",
+    "eval_chunk",
+    "seed",
+    "decode_timeout",
+    "verbose",
+)
+
+
+def _parser(script: str, console: str, description: str, settings: tuple[str, ...]):
+    import argparse
+
+    from .config import Parser, add_flags
+
+    p = Parser(
+        prog=_prog(script, console), description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False
+    )
+    add_flags(p.add_argument_group("settings shared with tmass-eval"), settings)
+    return p
+
+
+def _split(args, own: tuple[str, ...]) -> tuple[dict, dict]:
+    """(this command's own flags, the config's settings)."""
+    a = vars(args)
+    return {k: a.pop(k) for k in own if k in a}, a
+
+
+def index_main(argv: list[str] | None = None) -> int:
+    from .config import config_of
+    from .search import DTYPES, IndexOptions, build_index
+
+    def go(args: list[str]) -> None:
+        p = _parser(
+            "index.py",
+            "tmass-index",
+            "Encode the frames of a set of shards with a trained T-MASS into an "
+            "index folder that tmass-search queries; every rank encodes its share; rerunning a killed "
+            "build resumes it.",
+            INDEX_SETTINGS,
+        )
+        p.add_argument("--shards", required=True, help="the shards to index: a quoted wildcard or webdataset URLs")
+        p.add_argument("--index", required=True, help="the index folder to write")
+        p.add_argument(
+            "--index_dtype",
+            choices=sorted(DTYPES),
+            default="float16",
+            help="the stored features' type (default float16: half the size, ranks as float32 does)",
+        )
+        p.add_argument(
+            "--shards_per_part",
+            type=int,
+            default=16,
+            metavar="N",
+            help="shards per part, the unit of resuming (default 16)",
+        )
+        p.add_argument(
+            "--overwrite", action="store_true", default=False, help="rebuild an index made with other settings"
+        )
+        own, settings = _split(p.parse_args(args), ("shards", "index", "index_dtype", "shards_per_part", "overwrite"))
+        if own["shards_per_part"] < 1:
+            p.error("--shards_per_part must be at least 1")
+        opts = IndexOptions(out=own.pop("index"), dtype=own.pop("index_dtype"), **own)
+        out = build_index(config_of(settings), opts)
+        if env_rank() == 0:
+            print(f"index: {out}")
+
+    return run_command(go, argv, _prog("index.py", "tmass-index"))
+
+
+def search_main(argv: list[str] | None = None) -> int:
+    import contextlib
+    import json
+
+    from .config import config_of
+    from .search import encode_queries, open_for_search, search
+    from .search_page import format_hits, write_html
+
+    def go(args: list[str]) -> None:
+        p = _parser(
+            "search.py",
+            "tmass-search",
+            "Search an index (tmass-index) with text queries: stage 1 ranks "
+            "every video by the text against its mean-pooled frames, stage 2 re-ranks the best "
+            "--candidates with the full T-MASS score (pooling and trials).",
+            SEARCH_SETTINGS,
+        )
+        p.add_argument("queries", nargs="+", help="one or more text queries")
+        p.add_argument("--index", required=True, help="an index folder (tmass-index)")
+        p.add_argument("--top_k", type=int, default=10, metavar="N", help="hits shown per query (default 10)")
+        p.add_argument(
+            "--candidates",
+            type=int,
+            default=50,
+            metavar="K",
+            help="videos of stage 1 that stage 2 re-ranks (default 50)",
+        )
+        p.add_argument("--json", action="store_true", default=False, help="print the hits as JSON")
+        p.add_argument("--html", metavar="OUT", help="also write a page of the hits with a thumbnail each")
+        own, settings = _split(p.parse_args(args), ("queries", "index", "top_k", "candidates", "json", "html"))
+        if own["top_k"] < 1 or own["candidates"] < 1:
+            p.error("--top_k and --candidates must be at least 1")
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the hits (DeepSpeed's loader prints there)
+            model, index, cfg, tok = open_for_search(config_of(settings), own["index"])
+        text = encode_queries(model, tok, own["queries"])
+        hits = search(model, index, text, cfg, own["top_k"], own["candidates"])
+        results = [{"query": q, "hits": h} for q, h in zip(own["queries"], hits)]
+        if own.get("html"):
+            write_html(own["html"], results, own["index"], cfg.data.decode_timeout)
+        if own["json"]:
+            settings = {
+                "trials": 0 if model.cfg.deterministic_text else cfg.eval.stochastic_trials,
+                "trial_noise": cfg.eval.trial_noise,
+                "seed": cfg.seed,
+                "candidates": own["candidates"],
+                "deterministic_text": model.cfg.deterministic_text,
+            }
+            print(json.dumps({"index": own["index"], "settings": settings, "results": results}, indent=1))
+        else:
+            print("\n\n".join(format_hits(r["query"], r["hits"]) for r in results))
+
+    return run_command(go, argv, _prog("search.py", "tmass-search"))

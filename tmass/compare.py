@@ -3,17 +3,21 @@ the mean ± standard deviation over seeds of t2v and v2t R@1, R@5 and MdR, the p
 with its spread, the ablations, and two pictures (validation curves of both methods; the learned radius against
 the text-video similarity over training).
 
-    python -m tmass.compare OUT --seeds 3 [--corpora full,partial]
+    python -m tmass.compare OUT --seeds 3 [--corpora full,partial] [--data full=DIR,partial=DIR]
 
 Runs are read from OUT/cmp_{corpus}_s{seed}_{method}: method `tmass` and `xpool` (test_results.json), and for
 the ablations `nosupport` (trained without the support loss) and the T-MASS run's extra evaluations
 test_{deterministic,trials1,per_pair}.json. The spread is the sample standard deviation (0 for one seed).
+--data adds each synthetic corpus's ceiling: the expected metrics of an oracle that knows every test video's
+events and ranks the candidates that fit the query (a caption whose events occur, in order, among a video's;
+for v2t, the captions that fit the video) first, in random order (oracle()).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 
@@ -59,6 +63,59 @@ def summarise(out: str, corpus: str, seeds: list[int], rows: tuple = ABLATIONS[:
         diffs = [[a - b for a, b in zip(x, y)] for x, y in zip(per_row[first], per_row[last])]
         table["T-MASS - X-Pool (paired)"] = [spread(list(col)) for col in zip(*diffs)]
     return table
+
+
+ORACLE = "oracle: knows every video's events (ceiling)"
+
+
+def fits(named: tuple, events: tuple) -> bool:
+    """Do the events `named` occur, in this order, among `events` (an ordered subsequence)?"""
+    it = iter(events)
+    return all(any(e == x for x in it) for e in named)
+
+
+def corpus_events(data: str) -> tuple[list[tuple], list[tuple]]:
+    """(each test video's events, each test caption's (video index, the events it names)) of a synthetic corpus,
+    made again from its test split's manifest options and checked against the captions in its shards."""
+    import webdataset as wds
+
+    from .errors import DataError
+    from .shards.sources.synthetic import make_videos
+
+    with open(os.path.join(data, "test.json")) as f:
+        manifest = json.load(f)
+    opts = manifest["options"]["source_opts"]
+    n = manifest["totals"]["samples"]
+    videos = make_videos("test", n, opts["seed"], opts.get("synthetic_captions") or "full")
+    named = [v.named_captions(opts["captions_per_video"]) for v in videos]
+    urls = [os.path.join(data, s["shard"]) for s in manifest["shards"]]
+    for s in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x):
+        i = int(s["__key__"].rsplit("_", 1)[1])
+        if json.loads(s["json"])["captions"] != [t for t, _ in named[i]]:
+            raise DataError(f"{data}: {s['__key__']}'s captions are not those its manifest's options make")
+    events = [v.events for v in videos]
+    return events, [(i, tuple(events[i][k] for k in idx)) for i, caps in enumerate(named) for _, idx in caps]
+
+
+def oracle(data: str) -> list[tuple[float, float]]:
+    """The ceiling's [(value, 0)] per METRICS: the right answer's rank is uniform among the C candidates that fit,
+    so t2v R@k = mean min(1, k / C); for v2t, the first of a video's o own captions among its C fitting ones is
+    within k with 1 - comb(C - o, k) / comb(C, k); MdR is the median of the expected ranks, (C + 1) / (o + 1)."""
+    events, captions = corpus_events(data)
+    c_t = [sum(fits(named, ev) for ev in events) for _, named in captions]
+    own = [sum(i == v for i, _ in captions) for v in range(len(events))]
+    c_v = [sum(fits(named, ev) for _, named in captions) for ev in events]
+
+    def at(k: int, c: int, o: int) -> float:
+        return 1.0 if k >= c else 1.0 - math.comb(c - o, k) / math.comb(c, k)
+
+    t2v = [100 * statistics.fmean(at(k, c, 1) for c in c_t) for k in (1, 5)] + [
+        statistics.median((c + 1) / 2 for c in c_t)
+    ]
+    v2t = [100 * statistics.fmean(at(k, c, o) for c, o in zip(c_v, own)) for k in (1, 5)] + [
+        statistics.median((c + 1) / (o + 1) for c, o in zip(c_v, own))
+    ]
+    return [(x, 0.0) for x in t2v + v2t]
 
 
 def format_table(title: str, table: dict) -> str:
@@ -111,11 +168,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out", help="the folder holding the runs (demo.sh's OUT)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--corpora", default="full,partial")
+    p.add_argument("--data", default="", help="corpus=DIR,...: the synthetic corpora's shards, for their ceiling")
     a = p.parse_args(argv)
     seeds, corpora = list(range(1, a.seeds + 1)), a.corpora.split(",")
+    data = dict(item.split("=", 1) for item in a.data.split(",") if item)
     report = {}
     for corpus in corpora:
         report[corpus] = summarise(a.out, corpus, seeds)
+        if corpus in data:
+            report[corpus][ORACLE] = oracle(data[corpus])
         print("\n" + format_table(f"{corpus} captions, {len(seeds)} seed(s), held-out test", report[corpus]))
     if "partial" in corpora:
         report["ablations"] = summarise(a.out, "partial", seeds, ABLATIONS)

@@ -456,6 +456,63 @@ DESCRIPTIONS = {
 METAVARS = {int: "N", float: "X", str: "S"}
 
 
+def add_flag(g: argparse._ActionsContainer, f: dataclasses.Field, shown: bool = True) -> None:
+    """Add setting `f`'s flag (its aliases, help, default, type and choices) to parser or group `g`; a flag not
+    shown is accepted without help."""
+    names = [f"--{f.name}"] + [f"--{a}" for a, t in ALIASES.items() if t == f.name]
+    default = f.default if f.default is not dataclasses.MISSING else None
+    text = f.metadata.get("help", "")
+    if default not in (None, False, ""):
+        text += f" (default {default})"
+    kw = {"help": text if shown else argparse.SUPPRESS, "dest": f.name}
+    kind = _type_of(f)
+    if kind is bool:
+        g.add_argument(*names, action="store_true", **kw)
+    else:
+        choices = f.metadata.get("choices")
+        g.add_argument(*names, type=kind, metavar=None if choices else METAVARS.get(kind, "S"), choices=choices, **kw)
+
+
+def add_flags(g: argparse._ActionsContainer, names: typing.Iterable[str]) -> None:
+    """The flags of the named settings, for a command with a parser of its own (tmass-index, tmass-search): one
+    definition of each setting, wherever it is asked for. The parser needs argument_default=SUPPRESS."""
+    for name in names:
+        add_flag(g, _field(name))
+
+
+def config_of(values: dict, base: dict | None = None, preset: str | None = None) -> Config:
+    """The Config of setting values by name (explicit: those in `values`) over `base` ({section: {name: value}},
+    and TOP names), e.g. config_of({"checkpoint": "runs/a", "seed": 3})."""
+    merged = dict(PRESETS.get(preset, {})) if preset else {}
+    merged.update(values)
+    return _built(_placed(base or {}, merged), preset, frozenset(values))
+
+
+def _placed(base: dict, values: dict) -> dict:
+    """base ({section: {name: value}} and TOP names) with each of `values` placed in its section."""
+    out = {k: dict(v) if k in SECTIONS else v for k, v in base.items() if k in SECTIONS or k in TOP}
+    for name, value in values.items():
+        if _owner[name] is None:
+            out[name] = value
+        else:
+            out.setdefault(_owner[name], {})[name] = value
+    return out
+
+
+def _built(base: dict, preset: str | None, explicit: frozenset) -> Config:
+    try:
+        return Config(
+            **{sec: cls(**base.get(sec, {})) for sec, cls in SECTIONS.items()},
+            preset=preset,
+            explicit=explicit,
+            **{name: base[name] for name in TOP if name in base},
+        )
+    except ConfigError:
+        raise
+    except ValueError as e:  # a value of the wrong kind in a --config JSON
+        raise ConfigError(f"{e}") from None
+
+
 def build_parser(prog: str, mode: str = BOTH) -> argparse.ArgumentParser:
     """The flags of `mode` (train: launch/train.py, eval: launch/eval.py), grouped by section, with help,
     defaults and choices. The other command's flags are accepted without help, so that an upstream command
@@ -475,21 +532,7 @@ def build_parser(prog: str, mode: str = BOTH) -> argparse.ArgumentParser:
     for sec, doc, fields in groups:
         g = p.add_argument_group(sec, doc)
         for f in fields:
-            names = [f"--{f.name}"] + [f"--{a}" for a, t in ALIASES.items() if t == f.name]
-            shown = mode == BOTH or f.metadata.get("use", BOTH) in (BOTH, mode)
-            default = f.default if f.default is not dataclasses.MISSING else None
-            text = f.metadata.get("help", "")
-            if default not in (None, False, ""):
-                text += f" (default {default})"
-            kw = {"help": text if shown else argparse.SUPPRESS, "dest": f.name}
-            kind = _type_of(f)
-            if kind is bool:
-                g.add_argument(*names, action="store_true", **kw)
-            else:
-                choices = f.metadata.get("choices")
-                g.add_argument(
-                    *names, type=kind, metavar=None if choices else METAVARS.get(kind, "S"), choices=choices, **kw
-                )
+            add_flag(g, f, shown=mode == BOTH or f.metadata.get("use", BOTH) in (BOTH, mode))
     for name in list(UPSTREAM_NOOPS) + list(UPSTREAM_ERRORS):
         p.add_argument(f"--{name}", dest=f"upstream_{name}", help=argparse.SUPPRESS)
     return p
@@ -518,11 +561,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "tmass", mode: str =
     preset = args.pop("preset", None) or DATASET_NAMES.get(args.pop("dataset_name", None) or "")
     values = dict(PRESETS.get(preset, {})) if preset else {}
     values.update(args)
-    for name, value in values.items():
-        if _owner[name] is None:
-            base[name] = value
-        else:
-            base.setdefault(_owner[name], {})[name] = value
+    base = _placed(base, values)
     if mode != BOTH:  # after --config, which may carry them
         problems += [
             f"--{name} is required: {what}"
@@ -533,17 +572,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "tmass", mode: str =
         raise ConfigError(f"{prog}: " + "; ".join(problems))
     if notes and os.environ.get("RANK", "0") == "0":
         print(f"note: ignored: {'; '.join(notes)}", file=sys.stderr)
-    try:
-        return Config(
-            **{sec: cls(**base.get(sec, {})) for sec, cls in SECTIONS.items()},
-            preset=preset,
-            explicit=frozenset(args),
-            **{name: base[name] for name in TOP if name in base},
-        )
-    except ConfigError:
-        raise
-    except ValueError as e:  # a value of the wrong kind in a --config JSON
-        raise ConfigError(f"{e}") from None
+    return _built(base, preset, frozenset(args))
 
 
 def _field(name: str) -> dataclasses.Field:

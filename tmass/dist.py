@@ -230,6 +230,12 @@ def rank() -> int:
     return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
 
 
+def barrier() -> None:
+    """Every rank waits here for the others (nothing to wait for in one process)."""
+    if world() > 1:
+        tdist.barrier()
+
+
 def gather_objects(items: list) -> list:
     """Python lists from every rank, concatenated in rank order (small metadata only)."""
     if world() == 1:

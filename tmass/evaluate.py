@@ -54,6 +54,8 @@ class Encoded:
     text_video: torch.Tensor  # [N_t] global video index of each text
     keys: list[str]  # video keys in global order
     skipped: dict  # bad samples met while encoding, summed over ranks and workers
+    order: torch.Tensor | None = None  # [N_v] shard * 2**31 + position of each video
+    first_captions: list | None = None  # [N_v] each video's first caption, or None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -67,14 +69,15 @@ def encode(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    texts: bool = True,
 ) -> Encoded:
     """Encode this rank's share, then gather every share into one order (sorted by shard and position).
-    progress: a bar of this rank's videos per second."""
+    progress: a bar of this rank's videos per second; texts False: the frames only (an index), no captions."""
     from tqdm import tqdm
 
     from .data.stream import SkipStats
 
-    texts, frames, vid_order, text_order, keys, stats = [], [], [], [], [], {}
+    text_feats, frames, vid_order, text_order, keys, firsts, stats = [], [], [], [], [], [], {}
     bar = tqdm(desc="encode (rank 0)", unit="video", disable=not progress, mininterval=2, dynamic_ncols=True)
     for b in batches:
         bar.update(len(b["keys"]))
@@ -83,33 +86,45 @@ def encode(
             continue
         with _autocast(device, autocast_dtype):
             frames.append(model.encode_frames(normalize(b["video"].to(device, non_blocking=True))))
-            texts.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)))
+            if texts:
+                text_feats.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)))
         order = b["shard"].long() * 2**31 + b["pos"].long()  # a global order that any world size agrees on
         vid_order.append(order)
-        text_order.append(torch.stack([order[b["text_video"]], b["caption_index"].long()], dim=1))
+        if texts:
+            text_order.append(torch.stack([order[b["text_video"]], b["caption_index"].long()], dim=1))
         keys += b["keys"]
+        firsts += b["first_captions"]
     bar.close()
     dim, nf = model.dim, model.cfg.num_frames
     frames_t = (torch.cat(frames) if frames else torch.empty(0, nf, dim, device=device)).contiguous()
-    texts_t = (torch.cat(texts) if texts else torch.empty(0, dim, device=device)).to(frames_t.dtype)
+    texts_t = (torch.cat(text_feats) if text_feats else torch.empty(0, dim, device=device)).to(frames_t.dtype)
     vid_order_t = torch.cat(vid_order).to(device) if vid_order else torch.empty(0, dtype=torch.long, device=device)
     text_order_t = (
         torch.cat(text_order).to(device) if text_order else torch.empty(0, 2, dtype=torch.long, device=device)
     )
-    frames_t, texts_t = dist.gather_rows(frames_t), dist.gather_rows(texts_t)
-    vid_order_t, text_order_t = dist.gather_rows(vid_order_t), dist.gather_rows(text_order_t)
-    keys = dist.gather_objects(keys)
-    vsort = torch.argsort(vid_order_t)  # global video index = place in the sorted order
-    text_video = torch.searchsorted(vid_order_t[vsort].contiguous(), text_order_t[:, 0].contiguous())
-    tsort = torch.argsort(text_video * 2**20 + text_order_t[:, 1])
     total = SkipStats.total(dist.gather_objects(list(stats.values())))
-    skipped = {
-        "seen": total["seen"],
-        "ok": total["ok"],
-        "reasons": dict(total["reasons"]),
-        "shards": dict(total["shards"]),
-    }
-    return Encoded(texts_t[tsort], frames_t[vsort], text_video[tsort], [keys[i] for i in vsort.tolist()], skipped)
+    skipped = {k: total[k] if k in ("seen", "ok") else dict(total[k]) for k in ("seen", "ok", "reasons", "shards")}
+    return _in_global_order(frames_t, texts_t, vid_order_t, text_order_t, keys, firsts, skipped)
+
+
+def _in_global_order(frames, texts, vid_order, text_order, keys, firsts, skipped) -> Encoded:
+    """Every rank's share gathered, videos sorted by (shard, position), each text after its video's index."""
+    frames, texts = dist.gather_rows(frames), dist.gather_rows(texts)
+    vid_order, text_order = dist.gather_rows(vid_order), dist.gather_rows(text_order)
+    keys, firsts = dist.gather_objects(keys), dist.gather_objects(firsts)
+    vsort = torch.argsort(vid_order)  # global video index = place in the sorted order
+    text_video = torch.searchsorted(vid_order[vsort].contiguous(), text_order[:, 0].contiguous())
+    tsort = torch.argsort(text_video * 2**20 + text_order[:, 1])
+    v = vsort.tolist()
+    return Encoded(
+        texts[tsort],
+        frames[vsort],
+        text_video[tsort],
+        [keys[i] for i in v],
+        skipped,
+        vid_order[vsort],
+        [firsts[i] for i in v],
+    )
 
 
 # --------------------------------------------------------------------------------------------- the whole thing

@@ -238,12 +238,13 @@ def video_bytes(sample: dict) -> bytes | None:
 
 
 def decode_item(decoder: Callable[..., np.ndarray], sample: dict, url: str, captions: list[str], num_frames: int,
-                sample_type: str, stats: SkipStats, rng: random.Random | None = None) -> np.ndarray | None:
-    """The frames [F, H, W, 3] uint8 of a sample that has a video and `captions` (decode_frames' signature), or
-    None when it is skipped (and counted in `stats` under its reason): no video bytes, no caption, or a video
-    that does not decode."""
+                sample_type: str, stats: SkipStats, rng: random.Random | None = None,
+                require_captions: bool = True) -> np.ndarray | None:
+    """The frames [F, H, W, 3] uint8 of a sample that has a video and (unless not `require_captions`) `captions`
+    (decode_frames' signature), or None when it is skipped (and counted in `stats` under its reason): no video
+    bytes, no caption, or a video that does not decode."""
     data = video_bytes(sample)
-    if data is None or not captions:
+    if data is None or (require_captions and not captions):
         stats.skip("no video bytes" if data is None else "no caption", url)
         return None
     try:
@@ -421,11 +422,14 @@ class EvalStream(IterableDataset):
 
     A batch: video uint8 [B, F, 3, S, S]; shard and pos [B] (sort by them for the global order);
     input_ids/attention_mask [N_t, L] for all captions of those videos; text_video [N_t], the batch row of
-    each caption's video; caption_index [N_t], its place among its video's captions."""
+    each caption's video; caption_index [N_t], its place among its video's captions.
+    first_captions [B]: each video's first caption (None without one). A tokenizer of None: no captions are
+    tokenized (an index); require_captions False: a video without captions is kept, with none."""
 
     def __init__(self, urls: list[str], cfg: DataConfig, tokenizer, batch_size: int, *, num_frames: int,
-                 rank: int = 0, world: int = 1, decode=decode_frames):
+                 rank: int = 0, world: int = 1, decode=decode_frames, require_captions: bool = True):
         self.urls, self.cfg, self.tokenizer = urls, cfg, tokenizer
+        self.require_captions = require_captions
         self.batch_size, self.num_frames = batch_size, num_frames
         self.rank, self.world = rank, world
         self.decoder = TimedDecoder(cfg.decode_timeout, decode)
@@ -440,7 +444,7 @@ class EvalStream(IterableDataset):
             stats.seen += 1
             caps = captions_of(sample)
             frames = decode_item(self.decoder, sample, self.urls[sample["__shard__"]], caps, self.num_frames,
-                                 self.cfg.video_sample_type, stats)
+                                 self.cfg.video_sample_type, stats, require_captions=self.require_captions)
             if frames is None:
                 continue
             stats.ok += 1
@@ -453,7 +457,7 @@ class EvalStream(IterableDataset):
             yield self._collate(items, stats, reader)  # the last batch (maybe empty) carries the final counts
 
     def _collate(self, items: list[dict], stats: SkipStats, reader: int) -> dict:
-        texts = [c for it in items for c in it["captions"]]
+        texts = [c for it in items for c in it["captions"]] if self.tokenizer is not None else []
         if texts:
             ids, mask = trim(*tokenize(self.tokenizer, texts))
         else:
@@ -465,6 +469,7 @@ class EvalStream(IterableDataset):
                 "shard": torch.tensor([it["shard"] for it in items], dtype=torch.long),
                 "pos": torch.tensor([it["pos"] for it in items], dtype=torch.long),
                 "keys": [it["key"] for it in items], "input_ids": ids, "attention_mask": mask,
+                "first_captions": [(it["captions"] or [None])[0] for it in items],
                 "text_video": torch.tensor([i for i, it in enumerate(items) for _ in it["captions"]], dtype=torch.long),
                 "caption_index": torch.tensor([k for it in items for k in range(len(it["captions"]))],
                                               dtype=torch.long),

@@ -118,8 +118,8 @@ def _kernel(cfg: EvalConfig, pairs: int):
     return _compiled["per_pair_best"], True
 
 
-def _compile_failed(cfg: EvalConfig, e: Exception) -> None:
-    """--eval_compile yes stops with the fix; auto warns and goes on with the eager scorer."""
+def _compile_failed(cfg: EvalConfig, e: Exception) -> EvalConfig:
+    """--eval_compile yes stops with the fix; auto warns and returns the settings of the eager scorer."""
     if cfg.eval_compile == "yes":
         first_line = (str(e).strip().splitlines() or [""])[0][:300]
         raise ConfigError(
@@ -130,6 +130,7 @@ def _compile_failed(cfg: EvalConfig, e: Exception) -> None:
         f"warning: torch.compile failed ({type(e).__name__}); scoring without it (--eval_compile no silences this)",
         file=sys.stderr,
     )
+    return dataclasses.replace(cfg, eval_compile="no")
 
 
 def _block(start: int, stop: int, size: int, pad: bool, device) -> slice | torch.Tensor:
@@ -177,11 +178,15 @@ def score_rows(
     seed: int,
     own_hat: torch.Tensor | None = None,
     timings: dict | None = None,
+    video_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores [len(rows), N_v] of the texts `rows` (global ids into text [N_t, D]) against every video (frames
     [N_v, F, D]), chunk by chunk, with the text mass unless the model's cfg.deterministic_text (X-Pool).
-    `timings` receives the first chunk's time (compilation included) and whether it was compiled."""
+    `timings` receives the first chunk's time (compilation included) and whether it was compiled. video_ids
+    [N_v]: the videos' global ids, which per_pair noise is keyed by, where frames holds a subset (a search's
+    candidates); default 0..N_v-1."""
     n_v, device = frames.shape[0], frames.device
+    video_ids = torch.arange(n_v, device=device) if video_ids is None else video_ids
     out = torch.empty(len(rows), n_v, dtype=torch.float32, device=device)
     if len(rows) == 0 or n_v == 0:
         return out
@@ -205,17 +210,15 @@ def score_rows(
         for v in range(0, n_v, c_v):
             n_vids = min(c_v, n_v - v)
             vids = _block(v, v + n_vids, c_v, compiled, device)
-            video_ids = torch.arange(v, v + n_vids, device=device) if isinstance(vids, slice) else vids
-            chunk = trials.for_videos(video_ids) if stochastic else None
+            chunk = trials.for_videos(video_ids[vids]) if stochastic else None
             hat = None if own_hat is None else own_hat[vids]
             try:  # the first compiled call compiles
                 s = _block_scores(model, t, q, side[vids], frames[vids], f_inv[vids], chunk, hat, ws, compiled)
             except Exception as e:  # noqa: BLE001 (no C++ compiler, an unsupported backend, ...)
                 if not (compiled and first):
                     raise
-                _compile_failed(cfg, e)  # stops for --eval_compile yes; else again, eager, with its chunks
-                eager = dataclasses.replace(cfg, eval_compile="no")
-                return score_rows(model, text, frames, rows, eager, seed, own_hat, timings)
+                eager = _compile_failed(cfg, e)  # stops for --eval_compile yes; else again, eager, with its chunks
+                return score_rows(model, text, frames, rows, eager, seed, own_hat, timings, video_ids)
             out[a : a + n_ids, v : v + n_vids] = s[:n_ids, :n_vids]
             if first and timings is not None:
                 timings.update(first_chunk_s=round(time.perf_counter() - t0, 3), compiled=compiled)

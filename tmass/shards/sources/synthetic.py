@@ -100,14 +100,18 @@ class SyntheticVideo:
     def captions(self, n: int) -> list[str]:
         """n different captions (repeats only if fewer exist): paraphrases of all the events, or with `partial`
         of one of PARTIAL_SUBSETS each."""
+        return [text for text, _ in self.named_captions(n)]
+
+    def named_captions(self, n: int) -> list[tuple[str, tuple[int, ...]]]:
+        """The captions, each with the events it names (indices into self.events, in time order)."""
         rng = np.random.default_rng([*self.seed, 1])
-        out: list[str] = []
+        out: list[tuple[str, tuple[int, ...]]] = []
         for _ in range(20 * n):
             named = PARTIAL_SUBSETS[rng.integers(len(PARTIAL_SUBSETS))] if self.partial else range(len(self.events))
             phrases = [self.events[i].phrase(rng) for i in named]
             text = phrases[0] if len(phrases) == 1 else _JOINS[rng.integers(len(_JOINS))].format(*phrases)
-            if text not in out:
-                out.append(text)
+            if text not in (t for t, _ in out):
+                out.append((text, tuple(named)))
             if len(out) == n:
                 break
         return (out * n)[:n]
