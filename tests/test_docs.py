@@ -20,7 +20,7 @@ from _procs import clean_env, free_port
 from conftest import REPO
 
 DOCS = [os.path.join(REPO, "README.md")] + [os.path.join(REPO, "docs", f) for f in sorted(os.listdir(
-    os.path.join(REPO, "docs")))]
+    os.path.join(REPO, "docs"))) if f.endswith(".md")]
 
 
 def bash_blocks(path):

@@ -199,6 +199,30 @@ def index_main(argv: list[str] | None = None) -> int:
     return run_command(go, argv, _prog("index.py", "tmass-index"))
 
 
+def _search_parser():
+    p = _parser(
+        "search.py",
+        "tmass-search",
+        "Search an index (tmass-index) with text queries: stage 1 ranks "
+        "every video by the text against its mean-pooled frames, stage 2 re-ranks the best "
+        "--candidates with the full T-MASS score (pooling and trials).",
+        SEARCH_SETTINGS,
+    )
+    p.add_argument("queries", nargs="+", help="one or more text queries")
+    p.add_argument("--index", required=True, help="an index folder (tmass-index)")
+    p.add_argument("--top_k", type=int, default=10, metavar="N", help="hits shown per query (default 10)")
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=50,
+        metavar="K",
+        help="videos of stage 1 that stage 2 re-ranks (default 50)",
+    )
+    p.add_argument("--json", action="store_true", default=False, help="print the hits as JSON")
+    p.add_argument("--html", metavar="OUT", help="also write a page of the hits with a thumbnail each")
+    return p
+
+
 def search_main(argv: list[str] | None = None) -> int:
     import contextlib
     import json
@@ -208,26 +232,7 @@ def search_main(argv: list[str] | None = None) -> int:
     from .search_page import format_hits, write_html
 
     def go(args: list[str]) -> None:
-        p = _parser(
-            "search.py",
-            "tmass-search",
-            "Search an index (tmass-index) with text queries: stage 1 ranks "
-            "every video by the text against its mean-pooled frames, stage 2 re-ranks the best "
-            "--candidates with the full T-MASS score (pooling and trials).",
-            SEARCH_SETTINGS,
-        )
-        p.add_argument("queries", nargs="+", help="one or more text queries")
-        p.add_argument("--index", required=True, help="an index folder (tmass-index)")
-        p.add_argument("--top_k", type=int, default=10, metavar="N", help="hits shown per query (default 10)")
-        p.add_argument(
-            "--candidates",
-            type=int,
-            default=50,
-            metavar="K",
-            help="videos of stage 1 that stage 2 re-ranks (default 50)",
-        )
-        p.add_argument("--json", action="store_true", default=False, help="print the hits as JSON")
-        p.add_argument("--html", metavar="OUT", help="also write a page of the hits with a thumbnail each")
+        p = _search_parser()
         own, settings = _split(p.parse_args(args), ("queries", "index", "top_k", "candidates", "json", "html"))
         if own["top_k"] < 1 or own["candidates"] < 1:
             p.error("--top_k and --candidates must be at least 1")
