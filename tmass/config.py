@@ -480,12 +480,10 @@ def add_flags(g: argparse._ActionsContainer, names: typing.Iterable[str]) -> Non
         add_flag(g, _field(name))
 
 
-def config_of(values: dict, base: dict | None = None, preset: str | None = None) -> Config:
-    """The Config of setting values by name (explicit: those in `values`) over `base` ({section: {name: value}},
-    and TOP names), e.g. config_of({"checkpoint": "runs/a", "seed": 3})."""
-    merged = dict(PRESETS.get(preset, {})) if preset else {}
-    merged.update(values)
-    return _built(_placed(base or {}, merged), preset, frozenset(values))
+def config_of(values: dict) -> Config:
+    """The Config of setting values by name over the defaults, those given explicit, e.g.
+    config_of({"checkpoint": "runs/a", "seed": 3})."""
+    return _built(_placed({}, values), None, frozenset(values))
 
 
 def _placed(base: dict, values: dict) -> dict:

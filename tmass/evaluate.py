@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .model.tmass import TMASS
 
 DSL_TEMPERATURE = 100.0
+ORDER_BASE = 2**31  # a video's place in the global order: shard * ORDER_BASE + position in the shard
 
 
 @dataclass
@@ -54,8 +55,12 @@ class Encoded:
     text_video: torch.Tensor  # [N_t] global video index of each text
     keys: list[str]  # video keys in global order
     skipped: dict  # bad samples met while encoding, summed over ranks and workers
-    order: torch.Tensor | None = None  # [N_v] shard * 2**31 + position of each video
+    order: torch.Tensor | None = None  # [N_v] shard * ORDER_BASE + position of each video
     first_captions: list | None = None  # [N_v] each video's first caption, or None
+
+    def shards_and_positions(self) -> list[tuple[int, int]]:
+        """(shard index, position in the shard) of each video, in the global order."""
+        return [divmod(o, ORDER_BASE) for o in self.order.cpu().tolist()]
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -88,7 +93,7 @@ def encode(
             frames.append(model.encode_frames(normalize(b["video"].to(device, non_blocking=True))))
             if texts:
                 text_feats.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)))
-        order = b["shard"].long() * 2**31 + b["pos"].long()  # a global order that any world size agrees on
+        order = b["shard"].long() * ORDER_BASE + b["pos"].long()  # a global order that any world size agrees on
         vid_order.append(order)
         if texts:
             text_order.append(torch.stack([order[b["text_video"]], b["caption_index"].long()], dim=1))

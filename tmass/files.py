@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import IO, Any, Callable
 
 
-def write_text_atomic(path: str, text: str) -> None:
+def _replace_atomic(path: str, write: Callable[[IO], None], mode: str) -> None:
+    """write(f) into a temporary file beside `path`, flushed to disk, then renamed over `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    _replace_atomic(path, lambda f: f.write(text), "w")
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -23,12 +28,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def save_npy_atomic(path: str, array: Any) -> None:
-    """np.save, torn by no crash: the .npy goes to a temporary file beside the target, then is renamed over it."""
+    """np.save (no pickles), torn by no crash."""
     import numpy as np
 
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _replace_atomic(path, lambda f: np.save(f, array, allow_pickle=False), "wb")

@@ -112,7 +112,7 @@ def start_manifest(opts: IndexOptions, manifest: dict) -> list[int]:
     return [k for k in range(len(manifest["parts"])) if not os.path.exists(part_path(opts.out, k, "json"))]
 
 
-def encode_part(model: TMASS, cfg: Config, urls: list[str], info: dist.DistInfo, progress: bool) -> Encoded:
+def encode_part(model: TMASS, cfg: Config, urls: list[str], info: dist.DistInfo) -> Encoded:
     """Every rank encodes its share of one part's shards; every rank gets the whole part (evaluation's encode)."""
     from .data.stream import EvalStream, make_loader
     from .evaluate import check_skipped, encode
@@ -127,7 +127,7 @@ def encode_part(model: TMASS, cfg: Config, urls: list[str], info: dist.DistInfo,
         world=info.world,
         require_captions=False,
     )
-    enc = encode(model, make_loader(stream, cfg.data.num_workers), info.device, progress=progress, texts=False)
+    enc = encode(model, make_loader(stream, cfg.data.num_workers), info.device, texts=False)
     check_skipped(enc.skipped, cfg.data.max_bad_fraction)
     return enc
 
@@ -190,7 +190,7 @@ def build_index(cfg: Config, opts: IndexOptions) -> str:
     )
     for k in todo:
         a, b = manifest["parts"][k]
-        enc = encode_part(model, cfg, urls[a:b], info, progress=False)
+        enc = encode_part(model, cfg, urls[a:b], info)
         if info.is_main:
             write_part(opts.out, k, enc.frames, videos_of(enc, urls[a:b]), opts.dtype, {"skipped": enc.skipped})
         dist.barrier()
@@ -201,10 +201,9 @@ def build_index(cfg: Config, opts: IndexOptions) -> str:
 
 def videos_of(enc: Encoded, urls: list[str]) -> list[dict]:
     """Each encoded video's key, shard and position in it, and its first caption (None for a bare collection)."""
-    order = enc.order.cpu().tolist()
     return [
-        {"key": k, "shard": urls[o >> 31], "pos": o & (2**31 - 1), "caption": c}
-        for k, o, c in zip(enc.keys, order, enc.first_captions)
+        {"key": k, "shard": urls[s], "pos": p, "caption": c}
+        for k, (s, p), c in zip(enc.keys, enc.shards_and_positions(), enc.first_captions)
     ]
 
 
@@ -228,8 +227,11 @@ class Index:
         if not os.path.exists(os.path.join(folder, "manifest.json")):
             raise ConfigError(f"--index {folder}: no index there (manifest.json); make one with tmass-index")
         self.manifest = m = read_json(os.path.join(folder, "manifest.json"))
-        if m.get("format") != FORMAT:
-            raise BadIndex(f"{folder}: index format {m.get('format')!r}, this tmass reads {FORMAT}")
+        if m.get("format") != FORMAT or m.get("dtype") not in DTYPES:
+            raise BadIndex(
+                f"{folder}: index format {m.get('format')!r}, dtype {m.get('dtype')!r}; this tmass reads "
+                f"{FORMAT}, {' or '.join(DTYPES)}"
+            )
         self.means, self.frames, self.videos, self.offsets = [], [], [], [0]
         for k in range(len(m["parts"])):
             if not os.path.exists(part_path(folder, k, "json")):
@@ -249,7 +251,7 @@ class Index:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
             raise BadIndex(f"{path} cannot be read ({type(e).__name__}); rebuild the index") from None
-        want = np.dtype(DTYPES.get(self.manifest.get("dtype"), np.float16))
+        want = np.dtype(DTYPES[self.manifest["dtype"]])
         if arr.shape != shape or arr.dtype != want:
             raise BadIndex(f"{path}: {arr.dtype}{list(arr.shape)}, the manifest says {want}{list(shape)}")
         return arr
