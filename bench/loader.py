@@ -33,7 +33,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from tmass.data.stream import DataConfig, TrainStream, make_loader  # noqa: E402
 from tmass.data.tokenizer import build_caption_tokenizer  # noqa: E402
-from tmass.data.transforms import CLIP_MEAN, CLIP_STD, crop_box  # noqa: E402
+from tmass.config import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD  # noqa: E402
+from tmass.data.transforms import crop_box  # noqa: E402
 from tmass.data.video import frame_indices  # noqa: E402
 
 

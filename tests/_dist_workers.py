@@ -61,7 +61,9 @@ class TokenEcho(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.dim = 8
-        self.cfg = type("cfg", (), {"num_frames": 4})()
+        from tmass.config import ModelConfig
+
+        self.cfg = ModelConfig(num_frames=4)
 
     def encode_text(self, ids, mask):
         return torch.nn.functional.pad(ids[:, :8], (0, max(0, 8 - ids.shape[1])), value=-1).float()

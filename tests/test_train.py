@@ -460,3 +460,57 @@ def test_zero3_trains_the_weights_of_zero2_and_exports(synthetic_shards, tmp_pat
     for k, v in clip.state_dict().items():
         if f"clip.{k}" in states["z2"]:
             torch.testing.assert_close(v.reshape(-1), states["z2"][f"clip.{k}"].reshape(-1), rtol=0, atol=1e-6)
+
+
+def test_the_frames_are_normalised_with_the_clips_own_statistics(synthetic_shards, tmp_path):
+    """--clip_path's preprocessor_config.json names the pixel mean and std. Training takes them (its weights are
+    those of a run given the same numbers as --image_mean/--image_std, and differ from OpenAI's statistics') and
+    fixes them in the run's config.json; evaluating the run uses them (its scores are those of an evaluation given
+    them by flag, and differ from one given OpenAI's)."""
+    import numpy as np
+    from transformers import CLIPModel
+
+    from tmass.checkpoint import consolidated_state
+    from tmass.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from tmass.model.clip import clip_config
+
+    torch.manual_seed(0)
+    for name in ("own", "plain"):
+        CLIPModel(clip_config("tiny")).save_pretrained(tmp_path / name)  # the same seed: the same weights
+        torch.manual_seed(0)
+    mean, std = "0.5,0.4,0.3", "0.2,0.25,0.3"
+    (tmp_path / "own" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "CLIPImageProcessor", "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3],
+         "do_normalize": True}))
+    openai = [",".join(map(str, OPENAI_CLIP_MEAN)), ",".join(map(str, OPENAI_CLIP_STD))]
+    runs = {"own": ["--clip_path", str(tmp_path / "own")],
+            "flags": ["--clip_path", str(tmp_path / "plain"), "--image_mean", mean, "--image_std", std],
+            "openai": ["--clip_path", str(tmp_path / "plain")]}
+    states = {}
+    for name, extra in runs.items():
+        p = launch(train_args(synthetic_shards, tmp_path / name, *extra, "--val_shards", "", steps=4), world=1)
+        assert p.wait(timeout=600) == 0, p.output()[-3000:]
+        states[name] = consolidated_state(str(tmp_path / name / "run"), "latest")[1]
+    config = json.loads((tmp_path / "own" / "run" / "config.json").read_text())["model"]
+    assert (config["image_mean"], config["image_std"]) == (repr(0.5) + ",0.4,0.3", "0.2,0.25,0.3")
+    opn = json.loads((tmp_path / "openai" / "run" / "config.json").read_text())["model"]
+    assert [float(x) for x in opn["image_mean"].split(",")] == list(OPENAI_CLIP_MEAN)
+    for k in states["own"]:
+        assert torch.equal(states["own"][k], states["flags"][k]), k
+    assert any(not torch.equal(states["own"][k], states["openai"][k]) for k in states["own"])
+    init = CLIPModel.from_pretrained(tmp_path / "own").state_dict()  # the steps did train (the warm-up's first is 0)
+    assert any(not torch.equal(states["own"]["clip." + k], v) for k, v in init.items() if "clip." + k in states["own"])
+
+    def sims(name, *flags):
+        path = tmp_path / f"sims-{name}.npy"
+        p = subprocess.run([sys.executable, os.path.join(REPO, "launch", "eval.py"), "--checkpoint",
+                            str(tmp_path / "own" / "run"), "--test_shards", str(synthetic_shards / "test-000000.tar"),
+                            "--num_workers", "0", "--stochastic_trials", "2", "--results", str(tmp_path / "r.json"),
+                            "--save_sims", str(path), *flags],
+                           cwd=REPO, env=clean_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return np.load(path)
+
+    default = sims("default")
+    assert np.array_equal(default, sims("flags", "--image_mean", mean, "--image_std", std))
+    assert not np.allclose(default, sims("openai", "--image_mean", openai[0], "--image_std", openai[1]))

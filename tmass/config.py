@@ -35,11 +35,27 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2")
 COMPILE_SCOPES = ("layers", "towers")
 ADAMW = ("auto", "fused", "foreach")
 TRAIN, EVAL, BOTH = "train", "eval", "both"  # which command line shows a flag
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics (pixels in [0, 1])
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def opt(default: typing.Any, help: str, use: str = BOTH, choices: tuple | None = None) -> typing.Any:
     """A config field with its flag's help text, the command lines that show it, and its choices."""
     return field(default=default, metadata={"help": help, "use": use, "choices": choices})
+
+
+def channel_triple(text: str, name: str, positive: bool = False) -> tuple[float, float, float]:
+    """'R,G,B' -> three finite floats (all > 0 if positive); anything else is a ConfigError naming the fix."""
+    import math
+
+    try:
+        values = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        kind = "three positive numbers" if positive else "three numbers"
+        raise ConfigError(f"{name} {text!r}: give {kind} 'R,G,B', e.g. {name} 0.5,0.5,0.5")
+    return values
 
 
 def _check(checks: list[tuple[bool, str]]) -> None:
@@ -102,6 +118,12 @@ class ModelConfig:
         "the X-Pool baseline: train and score with t alone, no text mass; "
         "in evaluation, also scores a T-MASS model without its text mass",
     )
+    image_mean: str | None = opt(
+        None,
+        "the frames' mean per channel, 'R,G,B' for pixels in [0, 1]; default: the CLIP's own "
+        "(--clip_path's preprocessor_config.json, else OpenAI CLIP's)",
+    )
+    image_std: str | None = opt(None, "the frames' std per channel, 'R,G,B'; default: the CLIP's own, as --image_mean")
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -111,6 +133,14 @@ class ModelConfig:
                 (0.0 <= self.transformer_dropout < 1.0, "--transformer_dropout must be in [0, 1)"),
             ]
         )
+        self.pixel_stats()  # a malformed --image_mean / --image_std fails here
+
+    def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per channel of the frames' normalisation, x -> (x / 255 - mean) / std: the settings', else
+        OpenAI CLIP's (training fixes the CLIP's own into its run's config: tmass.model.clip.pixel_stats_of)."""
+        mean = channel_triple(self.image_mean, "--image_mean") if self.image_mean else OPENAI_CLIP_MEAN
+        std = channel_triple(self.image_std, "--image_std", positive=True) if self.image_std else OPENAI_CLIP_STD
+        return mean, std
 
 
 @dataclass(frozen=True)

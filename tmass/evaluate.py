@@ -90,7 +90,8 @@ def encode(
         if len(b["keys"]) == 0:
             continue
         with _autocast(device, autocast_dtype):
-            frames.append(model.encode_frames(normalize(b["video"].to(device, non_blocking=True))))
+            video = normalize(b["video"].to(device, non_blocking=True), model.cfg.pixel_stats())
+            frames.append(model.encode_frames(video))
             if texts:
                 text_feats.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)))
         order = b["shard"].long() * ORDER_BASE + b["pos"].long()  # a global order that any world size agrees on
@@ -376,14 +377,18 @@ def run(cfg: Config) -> dict:
 def model_for(cfg: Config, path: str | None, tag: str | None, info: dist.DistInfo) -> tuple[TMASS, dict, Config]:
     """(the model on this rank's device, what it is, the config that follows it): the model's own settings
     (frames, the baseline's deterministic text; --deterministic_text scores a T-MASS model without its mass),
-    its image size, and the run's validation settings unless given."""
+    its image size and pixel statistics, and the run's validation settings unless given."""
     from .checkpoint import load_model
+    from .model.clip import pixel_stats_of
 
     model, source = load_model(cfg.model, path, tag)
     model = model.to(info.device)
     cfg.check_model(model.cfg, path or "the random model")
     if cfg.model.deterministic_text and not model.cfg.deterministic_text:
         model.cfg = dataclasses.replace(model.cfg, deterministic_text=True)
+    given = {k: getattr(cfg.model, k) for k in ("image_mean", "image_std") if k in cfg.explicit}
+    mean, std = pixel_stats_of(dataclasses.replace(model.cfg, **given))  # the run's, else the CLIP's own
+    model.cfg = dataclasses.replace(model.cfg, image_mean=mean, image_std=std)
     cfg, taken = adopt_eval_settings(cfg.replace(model=model.cfg), source)
     if taken and info.is_main:
         print(

@@ -37,7 +37,7 @@ from .data.transforms import normalize
 from .errors import ConfigError
 from .files import write_json_atomic
 from .logs import Meter, RunLog
-from .model.clip import clip_config
+from .model.clip import clip_config, pixel_stats_of
 from .model.noise import keyed_noise
 
 
@@ -210,6 +210,8 @@ def train(cfg: Config) -> dict:
     cfg = cfg.resolve(
         model_image_size(cfg.model), f"the CLIP ({cfg.model.clip_path or '--clip_arch ' + cfg.model.clip_arch})"
     )
+    mean, std = pixel_stats_of(cfg.model)  # fixed in the run's config.json, which evaluation reads
+    cfg = cfg.replace(model={"image_mean": mean, "image_std": std})
     out = ckpt.run_dir(cfg.train.output_dir, cfg.train.exp_name)
     resume_from = check_resume(cfg, out, eng.world_size_from_env())
     lock = None
@@ -309,7 +311,7 @@ class Trainer:
         """One micro-batch: forward over the global batch, backward, and DeepSpeed's step (an optimiser step
         once every --gradient_accumulation_steps micro-batches)."""
         cfg, dev, dim, n = self.cfg, self.device, self.engine.module.dim, self.micro_batch_size * self.world
-        video = normalize(batch["video"].to(dev, non_blocking=True)).to(self.dtype)
+        video = normalize(batch["video"].to(dev, non_blocking=True), cfg.model.pixel_stats()).to(self.dtype)
         key = (cfg.seed, "train", self.step, self.micro_in_step)
         eps = (
             torch.zeros(n, dim, device=dev)

@@ -4,7 +4,8 @@ frame (as upstream applies torchvision's transforms to the whole [F, 3, H, W] te
     train: RandomResizedCrop(S, scale=(--crop_scale_min 0.5, 1), ratio=(3/4, 4/3)), then a horizontal flip
            with p = --hflip_prob 0.5 (a flip turns "moves left" into "moves right": the demo sets it to 0)
     eval:  resize the short side to S (bicubic), centre crop S x S
-    normalize (on the consumer's device, in float): (x / 255 - CLIP mean) / CLIP std
+    normalize (on the consumer's device, in float): (x / 255 - mean) / std, the CLIP's own statistics
+               (ModelConfig.pixel_stats)
 Pixels stay uint8 until `normalize`: 4x fewer bytes through the loader and to the GPU.
 """
 from __future__ import annotations
@@ -16,8 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from ..config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 def _chw(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -69,8 +69,10 @@ def eval_transform(frames: np.ndarray, size: int) -> torch.Tensor:
     return x[:, :, top:top + size, left:left + size].contiguous()
 
 
-def normalize(video: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float (x / 255 - mean) / std, on whatever device `video` is."""
-    mean = torch.tensor(CLIP_MEAN, device=video.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=video.device).view(3, 1, 1)
+def normalize(
+    video: torch.Tensor, stats: tuple[tuple[float, ...], tuple[float, ...]] = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float (x / 255 - mean) / std, on whatever device `video` is; stats (mean, std)."""
+    mean = torch.tensor(stats[0], device=video.device).view(3, 1, 1)
+    std = torch.tensor(stats[1], device=video.device).view(3, 1, 1)
     return (video.float() / 255.0 - mean) / std

@@ -10,11 +10,13 @@ transformers 5 (`.pooler_output` where there was a tensor).
 from __future__ import annotations
 
 import os
+import typing
 
 import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
+from ..config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ModelConfig, channel_triple
 from ..errors import ConfigError, DataError
 
 _HUB_HINT = (
@@ -45,6 +47,51 @@ def resolve_clip_path(clip_path: str) -> str:
                 f"({type(e).__name__}). {_HUB_HINT}"
             ) from None
     raise ConfigError(f"--clip_path {clip_path!r} is not a directory. {_HUB_HINT}")
+
+
+def pixel_stats_of(cfg: ModelConfig) -> tuple[str, str]:
+    """The frames' normalisation of a model, as 'R,G,B' settings (--image_mean, --image_std): those given, else
+    the CLIP checkpoint's own, from --clip_path's preprocessor_config.json (read as JSON: `image_mean`,
+    `image_std`, and `do_normalize` false meaning none), else OpenAI CLIP's."""
+    mean, std = cfg.pixel_stats()
+    if cfg.clip_path and not (cfg.image_mean and cfg.image_std):
+        try:
+            root = resolve_clip_path(cfg.clip_path)
+        except ConfigError:  # gone since training: a trained model's weights do not need it
+            root = ""
+        path = os.path.join(root, "preprocessor_config.json")
+        own = _preprocessor_stats(path) if root and os.path.isfile(path) else None
+        if own is not None:
+            mean, std = (mean if cfg.image_mean else own[0]), (std if cfg.image_std else own[1])
+    return ",".join(map(repr, mean)), ",".join(map(repr, std))
+
+
+def _preprocessor_stats(path: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(mean, std) of a HF image processor's JSON; None if it names neither. A malformed file is a DataError."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: not a JSON object")
+    if d.get("do_normalize") is False:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if "image_mean" not in d and "image_std" not in d:
+        return None
+    try:
+        return tuple(
+            channel_triple(_joined(d.get(k, v)), k, k == "image_std")
+            for k, v in (("image_mean", OPENAI_CLIP_MEAN), ("image_std", OPENAI_CLIP_STD))
+        )
+    except ConfigError as e:
+        raise DataError(f"{path}: {e}") from None
+
+
+def _joined(value: typing.Sequence[float]) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 # (width, MLP width, layers, heads) of each tower, the frame size and patch, and the projection dimension

@@ -115,38 +115,43 @@ class PerTextTrials(NamedTuple):
     three batched products; nothing of size [pairs, M, D] is made."""
 
     eps: torch.Tensor  # [c_t, M, D]
-    eps_t: torch.Tensor  # eps^T [c_t, D, M]
-    t_eps: torch.Tensor  # (t * eps)^T [c_t, D, M]
-    eps2: torch.Tensor  # (eps * eps)^T [c_t, D, M]
+    t_eps: torch.Tensor  # t * eps [c_t, M, D]
+    eps2: torch.Tensor  # eps * eps [c_t, M, D]
 
     @classmethod
     def for_texts(
         cls, seed: int, ids: torch.Tensor, t: torch.Tensor, trials: int, prior: str, std: float, **_
     ) -> "PerTextTrials":
         eps = keyed_noise((seed, "text"), ids, trials, t.shape[1], prior, std, t.device)
-        return cls(eps, eps.transpose(1, 2), (t.float()[:, None, :] * eps).transpose(1, 2), (eps * eps).transpose(1, 2))
+        return cls(eps, t.float()[:, None, :] * eps, eps * eps)
 
     def for_videos(self, video_ids: torch.Tensor) -> "PerTextTrials":
         return self  # the same draws for every video
 
-    def cosines(self, t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-        """cos(t_j + R_ji * eps_jm, p_ji) [c_t, c_v, M]. in_place: radius and p are scratch (a Workspace's),
-        overwritten with R*R and R*p, and the [c_t, c_v, M] terms are summed into two tensors instead of ten."""
-        base = torch.bmm(p, t[:, :, None])  # t.p [c_t, c_v, 1]
+    def cosines(
+        self, t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, base: torch.Tensor, in_place: bool = False
+    ) -> torch.Tensor:
+        """cos(t_j + R_ji * eps_jm, p_ji) [c_t, c_v, M] (a view of [c_t, M, c_v]), base = t.p [c_t, c_v]. The
+        products are [M, D] x [D, c_v] per text: the trials as the rows, the videos as the long side (on the CPU
+        1.4x the rate of [c_v, D] x [D, M]). in_place: radius and p are scratch (a Workspace's), overwritten with
+        R*R and R*p, and the [c_t, M, c_v] terms are summed into two tensors instead of ten."""
+        eps, t_eps, eps2 = self.eps, self.t_eps, self.eps2  # [c_t, M, D] each
         t2 = (t * t).sum(-1)[:, None, None]  # |t|^2 [c_t, 1, 1]
         if not in_place:
-            b = torch.bmm(radius, self.t_eps)  # (t*R).eps [c_t, c_v, M]
-            a = torch.bmm(p * radius, self.eps_t)  # (R*p).eps
-            c = torch.bmm(radius * radius, self.eps2)  # (R*R).(eps*eps)
-            return (base + a) * (t2 + 2 * b + c).clamp_min(1e-12).rsqrt()
-        norm2 = torch.bmm(radius, self.t_eps)  # (t*R).eps
-        a = torch.baddbmm(base, p.mul_(radius), self.eps_t)  # t.p + (R*p).eps
-        norm2.baddbmm_(radius.square_(), self.eps2, beta=2).add_(t2)  # |t|^2 + 2 (t*R).eps + (R*R).(eps*eps)
-        return a.mul_(norm2.clamp_min_(1e-12).rsqrt_())
+            b = torch.bmm(t_eps, radius.mT)  # (t*R).eps [c_t, M, c_v]
+            a = torch.bmm(eps, (p * radius).mT)  # (R*p).eps
+            c = torch.bmm(eps2, (radius * radius).mT)  # (R*R).(eps*eps)
+            return ((base[:, None, :] + a) * (t2 + 2 * b + c).clamp_min(1e-12).rsqrt()).mT
+        norm2 = torch.bmm(t_eps, radius.mT)  # (t*R).eps
+        a = torch.baddbmm(base[:, None, :], eps, p.mul_(radius).mT)  # t.p + (R*p).eps
+        norm2.baddbmm_(eps2, radius.square_().mT, beta=2).add_(t2)  # |t|^2 + 2 (t*R).eps + (R*R).(eps*eps)
+        return a.mul_(norm2.clamp_min_(1e-12).rsqrt_()).mT
 
-    def best(self, t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    def best(
+        self, t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, base: torch.Tensor, in_place: bool = False
+    ) -> torch.Tensor:
         """max_m cos(t_j + R_ji * eps_jm, p_ji) [c_t, c_v]."""
-        return self.cosines(t, radius, p, in_place).amax(dim=-1)
+        return self.cosines(t, radius, p, base, in_place).mT.amax(dim=1)
 
     def chosen(self, best: torch.Tensor) -> torch.Tensor:
         """eps of trial best[j, i] for each pair [c_t, c_v, D]."""
@@ -212,10 +217,24 @@ class PerPairTrials(NamedTuple):
     def eps(self) -> torch.Tensor:
         return counter_noise(self.keys, self.table, self.prior, self.std)  # [c_t, c_v, M, D]
 
-    def cosines(self, t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-        return per_pair_cosines(t, radius, p, self.eps())
+    def cosines(
+        self,
+        t: torch.Tensor,
+        radius: torch.Tensor,
+        p: torch.Tensor,
+        base: torch.Tensor | None = None,
+        in_place: bool = False,
+    ) -> torch.Tensor:
+        return per_pair_cosines(t, radius, p, self.eps())  # base = t.p is recomputed inside: the kernel fuses it
 
-    def best(self, t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    def best(
+        self,
+        t: torch.Tensor,
+        radius: torch.Tensor,
+        p: torch.Tensor,
+        base: torch.Tensor | None = None,
+        in_place: bool = False,
+    ) -> torch.Tensor:
         return self.kernel(t, radius, p, self.keys, self.table, self.prior, self.std)
 
     def chosen(self, best: torch.Tensor) -> torch.Tensor:

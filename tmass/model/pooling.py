@@ -138,6 +138,11 @@ class TextConditionedPool(nn.Module):
         var = torch.einsum("vtf,vfg,vtg->vt", x, side.gram3, x) / side.keys.shape[-1]  # x^T G3 x / D
         return torch.cat([x * torch.rsqrt(var + self.layer_norm3.eps)[..., None], one], dim=-1)
 
+    def unit_coefficients(self, queries: torch.Tensor, side: VideoSide) -> torch.Tensor:
+        """Out of training: c / |c B| [N_v, N_t, F+2], the coefficients of psi / |psi|, with |c B|^2 = c^T (B B^T) c."""
+        c = self.coefficients(queries, side)
+        return c * torch.einsum("vtk,vkl,vtl->vt", c, side.basis_gram, c).rsqrt()[..., None]
+
     def pool(
         self,
         queries: torch.Tensor,
@@ -152,9 +157,7 @@ class TextConditionedPool(nn.Module):
         |psi|^2 = c^T (B B^T) c. `out` [N_v, N_t, D]: a buffer to write psi into, out of training.
         dropout_key (training): (stream, video_ids [N_v], text_ids [N_t]), the pairs' global ids."""
         if side.gram3 is not None:  # psi = c B: one batched product
-            c = self.coefficients(queries, side)
-            if unit:
-                c = c * torch.einsum("vtk,vkl,vtl->vt", c, side.basis_gram, c).rsqrt()[..., None]
+            c = self.unit_coefficients(queries, side) if unit else self.coefficients(queries, side)
             z = torch.bmm(c, side.rows, out=out)
         else:  # training: z = h + Dropout(W_l h + b_l), h = sum_f (a_f / s) H_f + beta2
             a = self._attention(queries, side).to(side.rows.dtype)

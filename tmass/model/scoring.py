@@ -61,14 +61,23 @@ def pair_terms(
     f: torch.Tensor,
     f_inv: torch.Tensor,
     ws: Workspace | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For texts t [c_t, D] (their pooling queries q) and a chunk of videos (frames f, their inverse norms f_inv
-    [c_v, F], pooling half `side`): t, R(t_j, v_i) and psi(v_i | t_j) / |psi|, the last two [c_t, c_v, D], all
-    fp32 (written into `ws` if given)."""
-    p = pooled(model, q, side, ws)
+    [c_v, F], pooling half `side`): t, R(t_j, v_i) and psi(v_i | t_j) / |psi|, the last two [c_t, c_v, D], and
+    t.psi / |psi| [c_t, c_v], all fp32 (written into `ws` if given). With psi / |psi| = c B (the unit coefficients
+    c [c_v, c_t, F+2], the basis B [c_v, F+2, D]), t.psi / |psi| = sum_k c_k (B t)_k: one matrix product over
+    the chunk instead of a pass over psi's c_t c_v D numbers per text."""
     t = t.float()
     out = ws("radius", len(t), len(f), t.shape[1]) if ws is not None else None
-    return t, model.radius(all_cosines(t, f, f_inv), out=out), p
+    radius = model.radius(all_cosines(t, f, f_inv), out=out)
+    if side.gram3 is None:  # a model in training mode: no basis
+        p = pooled(model, q, side, ws)
+        return t, radius, p, torch.bmm(p, t[:, :, None]).squeeze(-1)
+    c = model.pool_frames.unit_coefficients(q, side)  # [c_v, c_t, F+2]
+    buf = ws("psi", len(f), len(t), t.shape[1]) if ws is not None else None
+    p = torch.bmm(c, side.rows, out=buf).transpose(0, 1).float()  # [c_t, c_v, D], a view of [c_v, c_t, D]
+    bt = (side.rows.reshape(-1, t.shape[1]) @ t.T.to(side.rows.dtype)).view(len(f), -1, len(t))  # B t [c_v, F+2, c_t]
+    return t, radius, p, (c * bt.transpose(1, 2)).sum(-1).T.float()
 
 
 def leaky_scores(
@@ -83,8 +92,8 @@ def leaky_scores(
 ) -> torch.Tensor:
     """--eval_protocol upstream (leaky): the trial is chosen against psi(v_i | t_j), then scored against the
     candidate pooled with its own caption, psi(v_i | t_i) (own_hat [c_v, D], normalised)."""
-    t, radius, p = pair_terms(model, t, q, side, f, f_inv)
-    best = trials.cosines(t, radius, p).argmax(dim=-1)  # [c_t, c_v]
+    t, radius, p, base = pair_terms(model, t, q, side, f, f_inv)
+    best = trials.cosines(t, radius, p, base).argmax(dim=-1)  # [c_t, c_v]
     chosen = F.normalize(t[:, None] + radius * trials.chosen(best), dim=-1)
     return torch.einsum("tvd,vd->tv", chosen, own_hat)
 
