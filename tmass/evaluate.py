@@ -84,13 +84,14 @@ def encode(
 
     text_feats, frames, vid_order, text_order, keys, firsts, stats = [], [], [], [], [], [], {}
     bar = tqdm(desc="encode (rank 0)", unit="video", disable=not progress, mininterval=2, dynamic_ncols=True)
+    pixel_stats = model.cfg.pixel_stats()
     for b in batches:
         bar.update(len(b["keys"]))
         stats[b["reader"]] = b["stats"]  # cumulative per reader: keep the last
         if len(b["keys"]) == 0:
             continue
         with _autocast(device, autocast_dtype):
-            video = normalize(b["video"].to(device, non_blocking=True), model.cfg.pixel_stats())
+            video = normalize(b["video"].to(device, non_blocking=True), pixel_stats)
             frames.append(model.encode_frames(video))
             if texts:
                 text_feats.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)))

@@ -252,6 +252,7 @@ class Trainer:
             self._write_run_files(model)
         self.engine, self.scheduler = eng.initialize(cfg, ds_config, model, self.total_steps)
         self.dtype = next(self.engine.module.parameters()).dtype
+        self.pixel_stats = cfg.model.pixel_stats()  # parsed once, not per step
         self.step, self.epoch, self.best = 0, 0, {"t2v_R@1": -1.0, "step": None}
         self.position = StreamPosition(streams=max(1, cfg.data.num_workers))
         if resume_from is not None:
@@ -311,7 +312,7 @@ class Trainer:
         """One micro-batch: forward over the global batch, backward, and DeepSpeed's step (an optimiser step
         once every --gradient_accumulation_steps micro-batches)."""
         cfg, dev, dim, n = self.cfg, self.device, self.engine.module.dim, self.micro_batch_size * self.world
-        video = normalize(batch["video"].to(dev, non_blocking=True), cfg.model.pixel_stats()).to(self.dtype)
+        video = normalize(batch["video"].to(dev, non_blocking=True), self.pixel_stats).to(self.dtype)
         key = (cfg.seed, "train", self.step, self.micro_in_step)
         eps = (
             torch.zeros(n, dim, device=dev)

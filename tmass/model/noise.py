@@ -132,8 +132,8 @@ class PerTextTrials(NamedTuple):
         self, t: torch.Tensor, radius: torch.Tensor, p: torch.Tensor, base: torch.Tensor, in_place: bool = False
     ) -> torch.Tensor:
         """cos(t_j + R_ji * eps_jm, p_ji) [c_t, c_v, M] (a view of [c_t, M, c_v]), base = t.p [c_t, c_v]. The
-        products are [M, D] x [D, c_v] per text: the trials as the rows, the videos as the long side (on the CPU
-        1.4x the rate of [c_v, D] x [D, M]). in_place: radius and p are scratch (a Workspace's), overwritten with
+        products are [M, D] x [D, c_v] per text: the trials as the rows, the videos as the long side.
+        in_place: radius and p are scratch (a Workspace's), overwritten with
         R*R and R*p, and the [c_t, M, c_v] terms are summed into two tensors instead of ten."""
         eps, t_eps, eps2 = self.eps, self.t_eps, self.eps2  # [c_t, M, D] each
         t2 = (t * t).sum(-1)[:, None, None]  # |t|^2 [c_t, 1, 1]

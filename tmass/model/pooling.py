@@ -143,6 +143,15 @@ class TextConditionedPool(nn.Module):
         c = self.coefficients(queries, side)
         return c * torch.einsum("vtk,vkl,vtl->vt", c, side.basis_gram, c).rsqrt()[..., None]
 
+    @staticmethod
+    def combine(
+        c: torch.Tensor, side: VideoSide, text_major: bool = False, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Out of training: psi = c B [N_v, N_t, D] (a [N_t, N_v, D] view if text_major) from coefficients c
+        [N_v, N_t, F+2] and the basis B = side.rows [N_v, F+2, D]; one batched product, into `out` if given."""
+        z = torch.bmm(c, side.rows, out=out)
+        return z.transpose(0, 1) if text_major else z
+
     def pool(
         self,
         queries: torch.Tensor,
@@ -158,7 +167,7 @@ class TextConditionedPool(nn.Module):
         dropout_key (training): (stream, video_ids [N_v], text_ids [N_t]), the pairs' global ids."""
         if side.gram3 is not None:  # psi = c B: one batched product
             c = self.unit_coefficients(queries, side) if unit else self.coefficients(queries, side)
-            z = torch.bmm(c, side.rows, out=out)
+            return self.combine(c, side, text_major, out)
         else:  # training: z = h + Dropout(W_l h + b_l), h = sum_f (a_f / s) H_f + beta2
             a = self._attention(queries, side).to(side.rows.dtype)
             beta2, wl, bl = self.layer_norm2.bias, self.linear_proj.weight, self.linear_proj.bias

@@ -75,7 +75,7 @@ def pair_terms(
         return t, radius, p, torch.bmm(p, t[:, :, None]).squeeze(-1)
     c = model.pool_frames.unit_coefficients(q, side)  # [c_v, c_t, F+2]
     buf = ws("psi", len(f), len(t), t.shape[1]) if ws is not None else None
-    p = torch.bmm(c, side.rows, out=buf).transpose(0, 1).float()  # [c_t, c_v, D], a view of [c_v, c_t, D]
+    p = model.pool_frames.combine(c, side, text_major=True, out=buf).float()  # [c_t, c_v, D], a view
     bt = (side.rows.reshape(-1, t.shape[1]) @ t.T.to(side.rows.dtype)).view(len(f), -1, len(t))  # B t [c_v, F+2, c_t]
     return t, radius, p, (c * bt.transpose(1, 2)).sum(-1).T.float()
 
