@@ -25,11 +25,14 @@ def _sbin(name: str) -> str:
 
 
 class Cluster:
-    """One node (this machine, all its CPUs), one partition, JobRequeue=1. `env` is what clients need."""
+    """`nodes` nodes on this machine (each with all its CPUs; a slurmd each, `slurmd -N NAME`, on a port of its
+    own), one partition, JobRequeue=1. `env` is what clients need. The node names (tmass1, tmass2, ...) do not
+    resolve: jobs meet at 127.0.0.1 (TMASS_MASTER_ADDR)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, nodes: int = 2):
         self.root = root
-        self.node = socket.gethostname().split(".")[0]
+        self.host = socket.gethostname().split(".")[0]
+        self.nodes = [f"tmass{i + 1}" for i in range(nodes)]
         self.conf = os.path.join(root, "slurm.conf")
         self.munge_socket = os.path.join(root, "munge", "munge.socket")
         self.env = clean_env(SLURM_CONF=self.conf)
@@ -42,23 +45,27 @@ class Cluster:
         r = self.root
         lines = [
             "ClusterName=tmasstest",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldHost={self.host}(127.0.0.1)",
             "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket}",
             f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
-            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool",
-            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd.pid",
-            f"SlurmctldLogFile={r}/log/slurmctld.log", f"SlurmdLogFile={r}/log/slurmd.log",
+            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool/%n",
+            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd.%n.pid",
+            f"SlurmctldLogFile={r}/log/slurmctld.log", f"SlurmdLogFile={r}/log/slurmd.%n.log",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "SchedulerType=sched/backfill", "SchedulerParameters=sched_interval=1",
             "JobRequeue=1", "ReturnToService=2", "KillWait=30", "MinJobAge=600",
             "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
             "SlurmctldDebug=info", "SlurmdDebug=info",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN",
-            f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE OverSubscribe=NO State=UP",
+            *(f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={free_port()} CPUs={cpus} "
+              "State=UNKNOWN" for n in self.nodes),
+            f"PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE OverSubscribe=NO "
+            "State=UP",
         ]
+        for n in self.nodes:
+            os.makedirs(os.path.join(r, "spool", n), exist_ok=True)
         with open(self.conf, "w") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -73,19 +80,25 @@ class Cluster:
         subprocess.run([_sbin("munged"), "--force", f"--key-file={key}", f"--socket={self.munge_socket}",
                         f"--pid-file={r}/munge/munged.pid", f"--log-file={r}/log/munged.log",
                         f"--seed-file={r}/munge/munged.seed"], check=True, timeout=30)
-        for daemon in ("slurmctld", "slurmd"):  # -D: in the foreground, so that stop() owns them
-            log = open(os.path.join(r, "log", f"{daemon}.out"), "w")
-            self.procs.append(subprocess.Popen([_sbin(daemon), "-D", "-f", self.conf], stdout=log,
+        daemons = [("slurmctld", [])] + [("slurmd", ["-N", n]) for n in self.nodes]
+        for daemon, opts in daemons:  # -D: in the foreground, so that stop() owns them
+            log = open(os.path.join(r, "log", f"{daemon}{''.join(opts[1:])}.out"), "w")
+            self.procs.append(subprocess.Popen([_sbin(daemon), "-D", "-f", self.conf, *opts], stdout=log,
                                                stderr=subprocess.STDOUT, env=self.env, start_new_session=True))
         t = time.time()
         while True:
-            p = self.run("sinfo", "-h", "-o", "%T", check=False)
-            if p.returncode == 0 and p.stdout.strip() in ("idle", "mixed", "allocated"):
+            if self.idle():
                 return self
+            p = self.run("sinfo", "-h", "-o", "%T", check=False)
             if time.time() - t > timeout or any(q.poll() is not None for q in self.procs):
                 self.stop()
                 raise RuntimeError(f"the test cluster did not come up: {p.stdout} {p.stderr}\n{self.logs()}")
             time.sleep(0.5)
+
+    def idle(self) -> bool:
+        """Every node up and idle."""
+        p = self.run("sinfo", "-h", "-N", "-o", "%T", check=False)
+        return p.returncode == 0 and p.stdout.split() == ["idle"] * len(self.nodes)
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         p = subprocess.run(list(cmd), capture_output=True, text=True, env=self.env, timeout=timeout)
@@ -111,7 +124,7 @@ class Cluster:
 
     def logs(self) -> str:
         out = []
-        for name in ("slurmctld.log", "slurmd.log"):
+        for name in ["slurmctld.log"] + [f"slurmd.{n}.log" for n in self.nodes]:
             path = os.path.join(self.root, "log", name)
             if os.path.exists(path):
                 with open(path) as f:

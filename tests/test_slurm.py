@@ -84,13 +84,18 @@ def test_cpu_nodes_need_ranks_per_node(tmp_path):
 
 
 def test_srun_mode_one_task_per_gpu(tmp_path):
-    b = fake_bin(tmp_path)
+    b = fake_bin(tmp_path, srun_body='echo "$@" > "$FAKE_LOG/srun.args"; echo "$MASTER_ADDR $MASTER_PORT" > '
+                                     '"$FAKE_LOG/srun.env"\n')
     p = subprocess.run(["bash", SCRIPT], env=env(tmp_path, b, LAUNCH_MODE="srun", SLURM_RESTART_COUNT="2"),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     args = (tmp_path / "srun.args").read_text().split()
-    assert "--ntasks-per-node=4" in args and "--ntasks=8" in args and "MASTER_ADDR=gpu012" in args
+    assert "--ntasks-per-node=4" in args and "--ntasks=8" in args
+    assert (tmp_path / "srun.env").read_text().split() == ["gpu012", str(29500 + 4242)]  # where the tasks meet
     assert (tmp_path / "out" / "run" / "logs" / "train-4242-restart2.log").exists()
+    p = subprocess.run(["bash", SCRIPT], env=env(tmp_path, b, LAUNCH_MODE="srun", TMASS_MASTER_ADDR="10.1.2.3"),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and (tmp_path / "srun.env").read_text().split()[0] == "10.1.2.3", p.stderr
 
 
 def test_rank_mapping_under_srun_for_2_nodes_x_4_gpus():
@@ -106,54 +111,53 @@ def test_rank_mapping_under_srun_for_2_nodes_x_4_gpus():
     assert first_host("node7,gpu[1-4]") == "node7" and first_host("a[09,11-12]") == "a09"
 
 
+# A fake rank: polls its run's stop request (as rank 0 does at log steps), then "saves" and exits 0.
+RANK = ('echo started > "$FAKE_LOG/started"; '
+        'for i in $(seq 600); do [ -e "$FAKE_LOG/out/run/stop-request" ] && break; sleep 0.1; done; '
+        'echo saved > "$FAKE_LOG/saved"')
+
+
+def wait_for(path, proc, seconds=30):
+    t = time.time()
+    while not path.exists():
+        assert time.time() - t < seconds and proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+
+
 def test_signal_checkpoints_then_requeues_once(tmp_path):
-    # the fake training: waits for USR1 (as a rank does), then "saves" and exits 0
-    body = ('echo "$@" > "$FAKE_LOG/python.args"\n'
-            'trap \'echo saved > "$FAKE_LOG/saved"; exit 0\' USR1\n'
-            'for i in $(seq 600); do sleep 0.1; done\n')
-    # srun OPTS... env VARS... fakepython ARGS: run the one task in place, so that it gets srun's signal
-    b = fake_bin(tmp_path, body, srun_body='shift 3\nexec "$@"\n')
+    # srun OPTS... fakepython ARGS: run the one task in place
+    b = fake_bin(tmp_path, RANK, srun_body='shift 3\nexec "$@"\n')
     p = subprocess.Popen(["bash", SCRIPT], env=env(tmp_path, b, LAUNCH_MODE="srun"), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    t = time.time()
-    while not (tmp_path / "python.args").exists() and time.time() - t < 30:
-        time.sleep(0.1)
-    assert (tmp_path / "python.args").exists(), p.communicate()[1][-2000:]
+    wait_for(tmp_path / "started", p)
     p.send_signal(signal.SIGUSR1)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert (tmp_path / "saved").read_text().strip() == "saved"
     assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+    assert "job 4242 attempt 0" in (tmp_path / "out" / "run" / "stop-request").read_text()
 
 
-RANK = ('trap \'echo saved > "$FAKE_LOG/saved-$0"; exit 0\' USR1; for i in $(seq 600); do sleep 0.1; done')
-
-
-def test_signal_reaches_this_jobs_ranks_only(tmp_path):
-    """Launcher mode: on USR1 the script signals the ranks below its own launcher (their command line has
-    `launch/train.py --local_rank`), not the launcher itself, and not another job's rank on the same node."""
+def test_the_stop_request_reaches_ranks_out_of_the_scripts_reach(tmp_path):
+    """Launcher mode over pdsh: the ranks are children of sshd on each node, not of this script, and no signal
+    of the script reaches them. Here the rank is detached (setsid, its parent gone); it stops on the run's stop
+    request. A request left by an earlier attempt is removed before the launch, so it stops nobody."""
     runner = ('echo "$@" > "$FAKE_LOG/python.args"\n'
-              f'bash -c {shlex.quote(RANK)} job launch/train.py --local_rank=0 &\n'
-              'wait $!\n')
+              f'(setsid bash -c {shlex.quote(RANK)} &)\n'  # detached, as under pdsh + ssh
+              'for i in $(seq 600); do [ -e "$FAKE_LOG/saved" ] && exit 0; sleep 0.1; done; exit 1\n')
     b = fake_bin(tmp_path, runner)
-    other = subprocess.Popen(["bash", "-c", RANK, "other", "launch/train.py", "--local_rank=0"],
-                             env=dict(os.environ, FAKE_LOG=str(tmp_path)))
-    try:
-        p = subprocess.Popen(["bash", SCRIPT], env=env(tmp_path, b), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-        t = time.time()
-        while not (tmp_path / "python.args").exists() and time.time() - t < 30:
-            time.sleep(0.1)
-        time.sleep(0.5)  # the rank has set its trap
-        p.send_signal(signal.SIGUSR1)
-        out, err = p.communicate(timeout=60)
-        assert p.returncode == 0, err
-        assert (tmp_path / "saved-job").read_text().strip() == "saved"
-        time.sleep(0.5)
-        assert not (tmp_path / "saved-other").exists() and other.poll() is None
-        assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
-    finally:
-        other.kill()
+    (tmp_path / "out" / "run").mkdir(parents=True)
+    (tmp_path / "out" / "run" / "stop-request").write_text("job 4241 attempt 0")  # stale
+    p = subprocess.Popen(["bash", SCRIPT], env=env(tmp_path, b), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    wait_for(tmp_path / "started", p)
+    time.sleep(1)
+    assert not (tmp_path / "saved").exists()  # the stale request stopped nobody
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert (tmp_path / "saved").read_text().strip() == "saved"
+    assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
 
 
 def test_eval_script_launches_over_the_same_hostfile(tmp_path):

@@ -1,7 +1,8 @@
-"""slurm/train.sbatch and slurm/eval.sbatch on a real one-node SLURM (munged, slurmctld, slurmd on this machine,
-see _slurm.py): a CPU run completes with a checkpoint; a second one gets USR1 mid-run, checkpoints, requeues
-itself, and its restart resumes from that step; eval.sbatch evaluates with 2 srun tasks and matches a
-1-process evaluation of the same checkpoint."""
+"""slurm/train.sbatch and slurm/eval.sbatch on a real SLURM of two nodes on this machine (munged, slurmctld and a
+slurmd per node, see _slurm.py): a one-node CPU run completes with a checkpoint; a two-node run through DeepSpeed's
+launcher (over srun) gets USR1 mid-run, checkpoints on both nodes, requeues itself, and its restart resumes and
+trains the weights that a two-node run of srun tasks trains uninterrupted, bit for bit; eval.sbatch evaluates
+with 2 srun tasks and matches a 1-process evaluation of the same checkpoint."""
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import _slurm
 from _procs import clean_env
@@ -34,7 +36,7 @@ def job_env(cluster, shards, out, **extra):
     env = dict(cluster.env, DS_ACCELERATOR="cpu", PYTHON=sys.executable, RANKS_PER_NODE="2",
                TRAIN_SHARDS=str(shards / "train-{000000..000003}.tar"), VAL_SHARDS=str(shards / "val-000000.tar"),
                OUTPUT_DIR=str(out), EXP_NAME="run", DS_CONFIG=os.path.join(REPO, "ds_configs", "cpu_fp32.json"),
-               PRESET="demo")
+               PRESET="demo", TMASS_MASTER_ADDR="127.0.0.1")
     env.update(extra)
     return env
 
@@ -68,30 +70,71 @@ def test_train_job_completes_with_a_checkpoint_and_does_not_requeue(cluster, syn
     assert json.loads((run / "summary.json").read_text())["world"] == 2  # 2 ranks on the node, as asked
 
 
-def test_usr1_checkpoints_requeues_and_the_restart_resumes(cluster, synthetic_shards, tmp_path):
-    env = job_env(cluster, synthetic_shards, tmp_path, VAL_SHARDS="",
-                  TRAIN_ARGS=TRAIN_ARGS + " --max_steps 60 --num_epochs 20")
-    job = submit(cluster, "train.sbatch", env, *CPU_JOB)
-    run = tmp_path / "run"
+# Two nodes of one rank each; the nodes are this machine's two slurmds.
+TWO_NODES = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--ntasks-per-node=1", "--time=20"]
+
+
+def rank_nodes(tag: str) -> set[str]:
+    """The SLURM node (SLURMD_NODENAME) of every live training process whose command line names `tag`."""
+    nodes = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            if "launch/train.py" not in cmd or tag not in cmd or "deepspeed.launcher" in cmd \
+                    or os.path.basename(cmd.split()[0]) == "srun":  # the ranks, not their launchers
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        nodes.add(env.get(b"SLURMD_NODENAME", b"?").decode())
+    return nodes
+
+
+def wait_for_step(cluster, job, run, step, nodes):
+    """Until the run has logged `step`; meanwhile, the nodes its ranks run on are added to `nodes`."""
     t = time.time()
-    while not (run / "train.log").exists() or "step 3 " not in (run / "train.log").read_text():
+    while not (run / "train.log").exists() or f"step {step} " not in (run / "train.log").read_text():
         assert time.time() - t < 300, cluster.logs()
         assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), cluster.logs()
+        nodes |= rank_nodes(str(run.parent))
         time.sleep(0.5)
+
+
+def final_weights(run):
+    from tmass.checkpoint import consolidated_state
+
+    _, state, _, meta = consolidated_state(str(run), "latest")
+    return state, meta
+
+
+def test_two_nodes_preempted_requeued_and_resumed_train_what_an_uninterrupted_run_trains(cluster, synthetic_shards,
+                                                                                          tmp_path):
+    args = TRAIN_ARGS + " --max_steps 12 --num_epochs 20 --transformer_dropout 0.3"
+    # A: DeepSpeed's launcher over the job's two nodes (DS_LAUNCHER=slurm: its srun), USR1 to the batch script
+    # mid-run. The ranks are srun's tasks, not the script's children: only the stop request reaches them.
+    env = job_env(cluster, synthetic_shards, tmp_path / "a", VAL_SHARDS="", TRAIN_ARGS=args, DS_LAUNCHER="slurm",
+                  RANKS_PER_NODE="1")
+    job = submit(cluster, "train.sbatch", env, *TWO_NODES)
+    run = tmp_path / "a" / "run"
+    nodes = set()
+    wait_for_step(cluster, job, run, 3, nodes)
+    assert nodes == set(cluster.nodes), nodes  # one rank on each node
     cluster.run("scancel", "--signal=USR1", "--batch", job)
-    # the ranks save at the end of their step, the job requeues itself: back to PENDING with one restart
+    # both nodes' ranks save at the next log step, the job requeues itself: back to PENDING with one restart
     info = cluster.wait(job, ("PENDING", "COMPLETED", "FAILED", "CANCELLED"), timeout=300)
     first = run / "logs" / f"train-{job}-restart0.log"
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", first.read_text()[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["stopped_by"] == "signal" and 3 <= summary["step"] < 60
+    assert summary["stopped_by"] == "signal" and 3 <= summary["step"] < 12 and summary["world"] == 2
     assert (run / "checkpoints" / "latest").read_text() == f"step{summary['step']}"
-    assert "requeued" in first.read_text()
+    assert "requeued" in first.read_text() and not (run / "stop-request").exists()
 
     # Skip Slurm's requeue delay, but not too soon: slurmd revokes the killed attempt's credential with a 1 s
     # clock, and a relaunch within that second is refused ("Job credential revoked").
     t = time.time()
-    while cluster.run("sinfo", "-h", "-o", "%T").stdout.strip() != "idle":
+    while not cluster.idle():
         assert time.time() - t < 120, cluster.logs()
         time.sleep(0.5)
     time.sleep(2)
@@ -100,9 +143,28 @@ def test_usr1_checkpoints_requeues_and_the_restart_resumes(cluster, synthetic_sh
     second = run / "logs" / f"train-{job}-restart1.log"
     assert info["JobState"] == "COMPLETED", second.read_text()[-3000:] if second.exists() else cluster.logs()
     assert info["Restarts"] == "1"  # the normal end did not requeue again
-    assert json.loads((run / "summary.json").read_text())["step"] == 60
     assert f"resumed from {run / 'checkpoints'} at step {summary['step']}" in (run / "train.log").read_text()
     assert "finished with status 0" in second.read_text()
+
+    # B: srun, one task per node, uninterrupted
+    env = job_env(cluster, synthetic_shards, tmp_path / "b", VAL_SHARDS="", TRAIN_ARGS=args, LAUNCH_MODE="srun",
+                  RANKS_PER_NODE="1")
+    job = submit(cluster, "train.sbatch", env, *TWO_NODES)
+    other = tmp_path / "b" / "run"
+    nodes = set()
+    wait_for_step(cluster, job, other, 2, nodes)
+    assert nodes == set(cluster.nodes), nodes
+    info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600)
+    log = other / "logs" / f"train-{job}-restart0.log"
+    assert info["JobState"] == "COMPLETED", log.read_text()[-3000:] if log.exists() else cluster.logs()
+    assert log.read_text().count("srun --ntasks-per-node=1 --ntasks=2") == 1
+    assert "--launcher slurm" in first.read_text() and "--hostfile" in first.read_text()
+
+    state, meta = final_weights(run)
+    ref, ref_meta = final_weights(other)
+    assert meta["step"] == ref_meta["step"] == 12 and meta["world"] == ref_meta["world"] == 2
+    for k in ref:
+        assert torch.equal(state[k], ref[k]), k
 
 
 def test_eval_job_with_two_srun_tasks_matches_one_process(cluster, synthetic_shards, tmp_path):

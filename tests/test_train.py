@@ -264,17 +264,18 @@ def launch_until_step_4(shards, tmp_path):
     return args, p, run
 
 
-def test_sigusr1_makes_every_rank_checkpoint_and_exit_then_resume(synthetic_shards, tmp_path):
-    """What slurm/train.sbatch does on preemption: USR1 to the ranks on this node -> every rank saves at the end
-    of its step and exits 0; the relaunch resumes from there and finishes."""
+def test_a_stop_request_makes_every_rank_checkpoint_and_exit_then_resume(synthetic_shards, tmp_path):
+    """What slurm/train.sbatch does on preemption: it writes {run}/stop-request -> every rank saves at the next
+    log step and exits 0, and the request is removed; the relaunch resumes from there and finishes."""
     args, p, run = launch_until_step_4(synthetic_shards, tmp_path)
-    subprocess.run(["pkill", "-USR1", "-f", f"launch/train.py --local_rank.*{tmp_path}"], check=True)
+    (run / "stop-request").write_text("by hand")
     output, _ = p.communicate(timeout=300)
     assert p.returncode == 0, output[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     # acted on at a log step (every 2 steps): the only point where the step waits for the device
     assert summary["stopped_by"] == "signal" and 4 <= summary["step"] < 60 and summary["step"] % 2 == 0
     assert (run / "checkpoints" / "latest").read_text() == f"step{summary['step']}"
+    assert not (run / "stop-request").exists()  # acted on: the relaunch trains on
     again = launch(args)
     assert again.wait(timeout=600) == 0, again.output()[-3000:]
     assert json.loads((run / "summary.json").read_text())["step"] == 60

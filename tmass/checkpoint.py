@@ -7,6 +7,7 @@ complete one, consolidate (zero_to_fp32), export, and load a model from a run.
         checkpoints/best/                           the best by validation t2v R@1 (not counted as latest)
         checkpoints/latest                          the tag a relaunch resumes from
         best.json, summary.json, tb/, train.log, eval_results.json
+        stop-request                                asks every rank to save at the next log step and stop
 
 Publishing. Every rank writes its files into checkpoints/.partial-{tag}/. After a barrier (so every rank has
 closed its files), rank 0 checks that each rank's files are there and non-empty, flushes them to disk, writes
@@ -154,6 +155,28 @@ class RunLock:
         except (OSError, ValueError):
             pass
         self._stop = None
+
+
+# ------------------------------------------------------------------------------------------- the stop request
+STOP_REQUEST = "stop-request"
+
+
+def stop_request_path(run: str) -> str:
+    """{run}/stop-request: a file that asks a training run to checkpoint at its next log step and stop, for ranks
+    that no signal reaches (under pdsh or srun on other nodes). slurm/train.sbatch writes it on SIGUSR1/SIGTERM;
+    `touch` does the same by hand. The trainer removes it once it has stopped."""
+    return os.path.join(run, STOP_REQUEST)
+
+
+def stop_requested(run: str) -> bool:
+    return os.path.exists(stop_request_path(run))
+
+
+def clear_stop_request(run: str) -> None:
+    try:
+        os.unlink(stop_request_path(run))
+    except FileNotFoundError:
+        pass
 
 
 # ------------------------------------------------------------------------------------------- writing

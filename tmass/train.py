@@ -187,7 +187,8 @@ def gathered_skips(stats: dict[int, dict]) -> dict:
 
 # ------------------------------------------------------------------------------------------- the run
 class Preempted(Exception):
-    """A SIGUSR1/SIGTERM arrived: every rank saved a checkpoint together at the next log step."""
+    """A SIGUSR1/SIGTERM or a stop request ({run}/stop-request) arrived: every rank saved a checkpoint together at
+    the next log step."""
 
 
 def _install_signal_handlers() -> dict:
@@ -359,10 +360,11 @@ class Trainer:
         return "max_steps" if step >= self.total_steps else None
 
     def signalled(self) -> bool:
-        """Whether any rank got SIGUSR1/SIGTERM: a collective that waits for the device, so it runs at log steps
-        only, like every other read of a device value."""
-        flag = torch.tensor([1 if self.signals["signal"] else 0], device=self.device)
-        return bool(dist.all_max(flag).item())
+        """Whether any rank got SIGUSR1/SIGTERM, or the run directory holds a stop request (read by rank 0 alone,
+        one look at the shared file system per log step): a collective that waits for the device, so it runs at
+        log steps only, like every other read of a device value."""
+        asked = self.signals["signal"] or (self.rank == 0 and ckpt.stop_requested(self.out))
+        return bool(dist.all_max(torch.tensor([1 if asked else 0], device=self.device)).item())
 
     def run_epoch(self) -> str:
         """This epoch's batches from the current position: "epoch" when it ends, else why the run stops."""
@@ -425,8 +427,11 @@ class Trainer:
             check_bad_fraction(gathered_skips(self.stats), self.cfg.data.max_bad_fraction, min_seen=1)
         self.checkpoint()
         if stopped_by:
+            if self.rank == 0:
+                ckpt.clear_stop_request(self.out)  # acted on: a relaunch trains on
             self.log.line(
-                f"stopped by a signal at step {self.step}: checkpoint saved; rerun the same command to resume"
+                f"stopped by a signal or a stop request at step {self.step}: checkpoint saved; rerun the same "
+                "command to resume"
             )
         else:
             self.validate()
