@@ -60,16 +60,16 @@ def test_bench_eval_runs_small(tmp_path):
 
 def test_bench_gpu_train_runs_on_cpu_tiny(tmp_path):
     out = tmp_path / "g.json"
+    # --no_compile: the compiled rows cost a minute of compiling here; compiling the towers is checked against
+    # eager in tests/test_model.py
     p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu_train.py"), "--cpu", "--tiny", "--steps", "1",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600,
+                        "--no_compile", "--json", str(out)], capture_output=True, text=True, timeout=600,
                        env=clean_env(DS_ACCELERATOR="cpu"))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert [(t["zero"], t["checkpointing"], t["compile"], t["attention"], t["adamw"]) for t in r["train"]] == [
         (1, False, "no", "sdpa", "auto"), (1, True, "no", "sdpa", "auto"), (2, False, "no", "sdpa", "auto"),
-        (2, True, "no", "sdpa", "auto"), (2, False, "layers", "sdpa", "auto"), (2, True, "layers", "sdpa", "auto"),
-        (2, False, "towers", "sdpa", "auto"), (2, True, "towers", "sdpa", "auto"),
-        (2, False, "no", "eager", "auto"), (2, False, "no", "sdpa", "foreach")]
+        (2, True, "no", "sdpa", "auto"), (2, False, "no", "eager", "auto"), (2, False, "no", "sdpa", "foreach")]
     assert r["train"][-1]["batch"] == r["train"][2]["batch"]  # one option changed, at the default's batch
     assert all(t["flops_per_step"] > 0 and t["clips_per_s"] > 0 for t in r["train"])
     assert r["upstream"]["clips_per_s"] > 0 and r["eval"]["n"] == 100

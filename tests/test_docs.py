@@ -4,8 +4,8 @@ in a HF cache under the name the README uses); the MSR-VTT shard command on a fa
 formats, then the one-node training and evaluation commands of the README and docs (2 CPU ranks for 8 GPUs, a
 temporary folder for /shared/, tiny CLIPs there), upstream's --exp_name/--load_epoch evaluation and a released
 upstream .pth; the synthetic, LSMDC and DiDeMo shard commands. Every relative link of the README and docs points
-at a file that exists. Not run here: the SLURM commands with --nodes 2 (tests/test_slurm_cluster.py runs the
-same scripts on a one-node cluster) and the demo itself (`bash launch/demo.sh`)."""
+at a file that exists. Not run here: the SLURM commands (tests/test_slurm_cluster.py runs the same scripts on
+a two-node cluster, --nodes 2 included) and the demo itself (`bash launch/demo.sh`)."""
 import csv
 import json
 import os
