@@ -102,6 +102,17 @@ def wait_for_step(cluster, job, run, step, nodes):
         time.sleep(0.5)
 
 
+def start_on_two_nodes(cluster, shards, out, args, step, **launch):
+    """train.sbatch on two nodes of one rank each: (job id, run directory) once the run has logged `step`, its
+    ranks seen one on each node."""
+    env = job_env(cluster, shards, out, VAL_SHARDS="", TRAIN_ARGS=args, RANKS_PER_NODE="1", **launch)
+    job = submit(cluster, "train.sbatch", env, *TWO_NODES)
+    run, nodes = out / "run", set()
+    wait_for_step(cluster, job, run, step, nodes)
+    assert nodes == set(cluster.nodes), nodes
+    return job, run
+
+
 def final_weights(run):
     from tmass.checkpoint import consolidated_state
 
@@ -114,13 +125,7 @@ def test_two_nodes_preempted_requeued_and_resumed_train_what_an_uninterrupted_ru
     args = TRAIN_ARGS + " --max_steps 12 --num_epochs 20 --transformer_dropout 0.3"
     # A: DeepSpeed's launcher over the job's two nodes (DS_LAUNCHER=slurm: its srun), USR1 to the batch script
     # mid-run. The ranks are srun's tasks, not the script's children: only the stop request reaches them.
-    env = job_env(cluster, synthetic_shards, tmp_path / "a", VAL_SHARDS="", TRAIN_ARGS=args, DS_LAUNCHER="slurm",
-                  RANKS_PER_NODE="1")
-    job = submit(cluster, "train.sbatch", env, *TWO_NODES)
-    run = tmp_path / "a" / "run"
-    nodes = set()
-    wait_for_step(cluster, job, run, 3, nodes)
-    assert nodes == set(cluster.nodes), nodes  # one rank on each node
+    job, run = start_on_two_nodes(cluster, synthetic_shards, tmp_path / "a", args, 3, DS_LAUNCHER="slurm")
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     # both nodes' ranks save at the next log step, the job requeues itself: back to PENDING with one restart
     info = cluster.wait(job, ("PENDING", "COMPLETED", "FAILED", "CANCELLED"), timeout=300)
@@ -147,13 +152,7 @@ def test_two_nodes_preempted_requeued_and_resumed_train_what_an_uninterrupted_ru
     assert "finished with status 0" in second.read_text()
 
     # B: srun, one task per node, uninterrupted
-    env = job_env(cluster, synthetic_shards, tmp_path / "b", VAL_SHARDS="", TRAIN_ARGS=args, LAUNCH_MODE="srun",
-                  RANKS_PER_NODE="1")
-    job = submit(cluster, "train.sbatch", env, *TWO_NODES)
-    other = tmp_path / "b" / "run"
-    nodes = set()
-    wait_for_step(cluster, job, other, 2, nodes)
-    assert nodes == set(cluster.nodes), nodes
+    job, other = start_on_two_nodes(cluster, synthetic_shards, tmp_path / "b", args, 2, LAUNCH_MODE="srun")
     info = cluster.wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600)
     log = other / "logs" / f"train-{job}-restart0.log"
     assert info["JobState"] == "COMPLETED", log.read_text()[-3000:] if log.exists() else cluster.logs()
