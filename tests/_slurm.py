@@ -1,4 +1,4 @@
-"""A real one-node SLURM cluster on this machine, for the tests: munged, slurmctld and slurmd from Debian's
+"""A real two-node SLURM cluster on this machine, for the tests: munged, slurmctld and a slurmd per node from Debian's
 packages (`.ci/run` installs them), configured in a temporary folder and stopped afterwards."""
 from __future__ import annotations
 
