@@ -89,10 +89,11 @@ class Cluster:
         while True:
             if self.idle():
                 return self
-            p = self.run("sinfo", "-h", "-o", "%T", check=False)
             if time.time() - t > timeout or any(q.poll() is not None for q in self.procs):
+                states = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False)
                 self.stop()
-                raise RuntimeError(f"the test cluster did not come up: {p.stdout} {p.stderr}\n{self.logs()}")
+                raise RuntimeError(f"the test cluster did not come up: {states.stdout} {states.stderr}\n"
+                                   f"{self.logs()}")
             time.sleep(0.5)
 
     def idle(self) -> bool:
